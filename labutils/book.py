@@ -1,0 +1,112 @@
+"""Run the whole book headless and print its headline results.
+
+    python -m labutils.book run [--only 00,01] [--timeout 3600]
+    python -m labutils.book headlines
+
+A full run (GPU) executes each notebook in place, so its outputs can be committed, and writes
+results/. A smoke run (CPU, CI=true or LAB_SMOKE=1) writes executed copies to build/notebooks/ and
+results to build/results/, leaving the committed notebooks and results untouched. A notebook that
+fails is written to build/notebooks/ with its error, never over the committed one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import runtime
+from .results import REPO, results_dir
+
+NOTEBOOKS = REPO / "notebooks"
+BUILD = REPO / "build" / "notebooks"
+
+# The headline metric(s) of each notebook: (metric key, label, format).
+HEADLINES = {
+    "00_roofline": [("copy_gbps", "copy bandwidth (GB/s, read+write)", "{:,.0f}"),
+                    ("matmul_bf16_tflops", "dense matmul (TFLOP/s)", "{:,.0f}")],
+    "01_naive_attention": [("decoder_vs_hf_max_rel_err", "lab decoder vs HF, max rel err (fp32)", "{:.1e}"),
+                           ("no_cache_ms_per_token", "no-cache ms/token by length", None)],
+}
+
+
+def notebooks(only: list[str] | None = None) -> list[Path]:
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        paths = [p for p in paths if any(p.stem.startswith(o) for o in only)]
+    return paths
+
+
+def execute(path: Path, timeout: int) -> tuple[bool, Path, float]:
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    t0 = time.perf_counter()
+    ok = True
+    try:
+        client.execute()
+    except CellExecutionError as e:
+        ok = False
+        print(str(e)[-3000:], file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    out = path if (ok and not runtime.smoke()) else BUILD / path.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out)
+    return ok, out, seconds
+
+
+def headlines(stems: list[str]) -> str:
+    rows = []
+    for stem in stems:
+        path = results_dir() / f"{stem}.json"
+        if not path.is_file():
+            rows.append((stem, "(no results file)", "", ""))
+            continue
+        rec = json.loads(path.read_text())
+        for key, label, fmt in HEADLINES.get(stem, []):
+            value = rec["metrics"].get(key)
+            if isinstance(value, dict):
+                text = ", ".join(f"{k}: {v:.1f}" for k, v in value.items())
+            else:
+                text = fmt.format(value) if (fmt and value is not None) else str(value)
+            rows.append((stem, label, text, f"{rec['device']}{' (smoke)' if rec['smoke'] else ''}"))
+    widths = [max(len(str(r[i])) for r in rows + [("notebook", "metric", "value", "device")]) for i in range(4)]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(("notebook", "metric", "value", "device")), line(["-" * w for w in widths])]
+                     + [line(r) for r in rows])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m labutils.book")
+    ap.add_argument("command", choices=["run", "headlines"])
+    ap.add_argument("--only", default="", help="comma-separated notebook prefixes, e.g. 00,01")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    args = ap.parse_args(argv)
+    only = [o for o in args.only.split(",") if o]
+    paths = notebooks(only)
+    if not paths:
+        sys.exit(f"no notebooks match {only!r} in {NOTEBOOKS}")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    failed = []
+    if args.command == "run":
+        print(runtime.describe())
+        for path in paths:
+            print(f"running {path.name} ...", flush=True)
+            ok, out, seconds = execute(path, args.timeout)
+            print(f"  {'ok' if ok else 'FAILED'} in {seconds:.0f} s -> {out.relative_to(REPO)}", flush=True)
+            if not ok:
+                failed.append(path.name)
+    print()
+    print(headlines([p.stem for p in paths]))
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
