@@ -1,0 +1,67 @@
+"""Attention backends: the decoder's first seam (introduced in notebook 01).
+
+Every backend has one signature, so later notebooks swap it with ``model.set_attention(fn)``::
+
+    fn(q, k, v, q_pos) -> out
+      q:     (B, n_head,    T, head_dim)   queries of the T new tokens
+      k, v:  (B, n_kv_head, S, head_dim)   keys/values at positions 0 .. S-1 (the whole cache)
+      q_pos: (T,) or (B, T) int64          the position of each query
+      out:   (B, n_head,    T, head_dim)
+
+Query ``i`` may look at key ``j`` iff ``j <= q_pos[i]`` (causal). ``n_head`` is a multiple of
+``n_kv_head`` (grouped-query attention): query head ``h`` reads KV head ``h // (n_head // n_kv_head)``.
+The softmax scale is ``1 / sqrt(head_dim)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(q_pos: torch.Tensor, S: int) -> torch.Tensor:
+    """Boolean mask, True where key j is visible to the query at q_pos: (T, S) or (B, 1, T, S)."""
+    k_pos = torch.arange(S, device=q_pos.device)
+    mask = k_pos <= q_pos[..., None]  # (T, S) or (B, T, S)
+    return mask if q_pos.dim() == 1 else mask[:, None]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv_head, S, head_dim) -> (B, n_kv_head * n_rep, S, head_dim), each KV head n_rep times."""
+    if n_rep == 1:
+        return x
+    B, n_kv_head, S, head_dim = x.shape
+    return x[:, :, None].expand(B, n_kv_head, n_rep, S, head_dim).reshape(B, n_kv_head * n_rep, S, head_dim)
+
+
+def naive_attention(q, k, v, q_pos):
+    """softmax(Q K^T / sqrt(d) + causal mask) V, materialising the (T, S) score matrix."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_head, S, head_dim)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, n_head, T, S)
+    scores = scores.masked_fill(~causal_mask(q_pos, k.shape[2]), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v  # (B, n_head, T, head_dim)
+
+
+def sdpa_attention(q, k, v, q_pos):
+    """torch's fused scaled_dot_product_attention (flash / cuDNN / memory-efficient kernels)."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if T == S:  # a prompt that starts at position 0: plain causal attention
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q_pos, S), enable_gqa=gqa)
+
+
+BACKENDS = {"naive": naive_attention, "sdpa": sdpa_attention}
+
+
+def get_backend(name_or_fn):
+    """A backend by name ('naive', 'sdpa', or one a later notebook registers) or the function itself."""
+    if callable(name_or_fn):
+        return name_or_fn
+    try:
+        return BACKENDS[name_or_fn]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {name_or_fn!r}; known: {', '.join(BACKENDS)}") from None
