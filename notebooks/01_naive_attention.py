@@ -252,7 +252,8 @@ rows = []
 for n in lengths:
     for backend in ("naive", "sdpa"):
         rows.append(step_cost(n, backend))
-    rows.append({"seq_len": n, "backend": "HF generate(use_cache=False)", "ms": hf_generate_cost(n)})
+    if n + 4 <= max_len:
+        rows.append({"seq_len": n, "backend": "HF generate(use_cache=False)", "ms": hf_generate_cost(n)})
 cost = pd.DataFrame(rows)
 print(cost.pivot(index="seq_len", columns="backend", values="ms").to_string(float_format=lambda x: f"{x:,.2f}"))
 
@@ -265,6 +266,25 @@ fig = px.line(cost, x="seq_len", y="ms", color="backend", markers=True, log_x=Tr
               title=f"One decode step without a KV cache, {hf.config.name_or_path.split('/')[-1]} ({str(dtype)[6:]})",
               labels={"ms": "ms per new token", "seq_len": "sequence length"})
 fig.show()
+
+# %% [markdown]
+# **The total.** Generating n tokens without a cache sums the step costs over lengths 1 .. n.
+# Integrating the measured curve (trapezoids between the measured lengths) and fitting the slope
+# of log(total) against log(n) shows how the bill grows: a slope of 2 is O(n²), and naive attention
+# pushes it towards 3 at long lengths.
+
+# %%
+import numpy as np
+
+for backend in ("naive", "sdpa"):
+    c = cost[cost.backend == backend].sort_values("seq_len")
+    n_arr, ms_arr = c.seq_len.to_numpy(float), c.ms.to_numpy()
+    total_s = np.concatenate([[n_arr[0] * ms_arr[0]], n_arr[0] * ms_arr[0]
+                              + np.cumsum(np.diff(n_arr) * (ms_arr[1:] + ms_arr[:-1]) / 2)]) / 1e3
+    slope = np.diff(np.log(total_s)) / np.diff(np.log(n_arr))
+    print(f"{backend:>5}: total seconds to generate n tokens without a cache: "
+          + ", ".join(f"n={int(n)}: {t:,.2f}" for n, t in zip(n_arr, total_s)))
+    print(f"       log-log slope between successive lengths: " + ", ".join(f"{x:.2f}" for x in slope))
 
 # %% [markdown]
 # Reading the plot: at short lengths a step costs the same at any length: 30 layers of small
