@@ -79,7 +79,8 @@ def param_count(cfg: dict) -> int:
     hd = cfg.get("head_dim") or d // cfg["num_attention_heads"]
     nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     bias = (nq + 2 * nkv) if (cfg["model_type"] == "qwen2" or cfg.get("attention_bias")) else 0
-    attn = d * nq + 2 * d * nkv + nq * d + bias
+    o_bias = d if (cfg["model_type"] != "qwen2" and cfg.get("attention_bias")) else 0
+    attn = d * nq + 2 * d * nkv + nq * d + bias + o_bias
     mlp = 3 * d * f
     norms = 2 * d
     emb = cfg["vocab_size"] * d * (1 if cfg["tie_word_embeddings"] else 2)

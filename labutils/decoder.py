@@ -39,6 +39,7 @@ class DecoderConfig:
     qkv_bias: bool
     tie_embeddings: bool
     max_seq_len: int
+    o_bias: bool = False  # Llama's attention_bias also biases o_proj; Qwen2 biases q/k/v only
 
     @classmethod
     def from_hf(cls, c) -> "DecoderConfig":
@@ -60,6 +61,11 @@ class DecoderConfig:
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         qkv_bias = c.model_type == "qwen2" or bool(getattr(c, "attention_bias", False))
+        o_bias = c.model_type != "qwen2" and bool(getattr(c, "attention_bias", False))
+        window = getattr(c, "sliding_window", None)
+        if window is not None and window < c.max_position_embeddings and (
+                c.model_type == "mistral" or getattr(c, "use_sliding_window", False)):
+            raise NotImplementedError(f"sliding-window attention (window {window}) is not implemented")
         if getattr(c, "mlp_bias", False):
             raise NotImplementedError("MLP biases are not implemented")
         return cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
@@ -67,7 +73,7 @@ class DecoderConfig:
                    n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim,
                    rope_theta=float(rope["rope_theta"]), rms_norm_eps=c.rms_norm_eps,
                    qkv_bias=qkv_bias, tie_embeddings=bool(c.tie_word_embeddings),
-                   max_seq_len=c.max_position_embeddings)
+                   max_seq_len=c.max_position_embeddings, o_bias=o_bias)
 
 
 def _rope_parameters(c) -> dict:
@@ -118,7 +124,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, q_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d, kv_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, kv_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, d, bias=False)
+        self.o_proj = nn.Linear(q_dim, d, bias=cfg.o_bias)
         self.kv_cache = None  # seam 2: an object with update(input_pos, k, v) -> (k_all, v_all)
 
     def forward(self, x, cos, sin, input_pos, attn_fn):

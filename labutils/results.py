@@ -25,10 +25,10 @@ def results_dir(smoke: bool | None = None) -> Path:
 
 def _plain(x):
     """numpy / torch scalars to plain Python for JSON."""
+    if hasattr(x, "tolist"):  # arrays become lists, 0-d arrays and scalars plain numbers
+        return x.tolist()
     if hasattr(x, "item"):
         return x.item()
-    if hasattr(x, "tolist"):
-        return x.tolist()
     raise TypeError(f"cannot store {type(x).__name__} in a results file")
 
 
