@@ -1,0 +1,104 @@
+"""Shared fixtures: the embedded model (loaded once per session) and tiny random HF models.
+
+The environment is set *before* labutils (and huggingface_hub) are imported: HF_HUB_OFFLINE is read
+by huggingface_hub at import time, and LAB_SMOKE keeps every size small.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["LAB_SMOKE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import labutils  # noqa: E402,F401  (sets TRITON_INTERPRET=1 on a machine without GPU)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+# ---- numerical helpers --------------------------------------------------------------------------
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|out - ref| / max|ref|, in float64."""
+    out, ref = out.detach().double(), ref.detach().double()
+    assert out.shape == ref.shape, f"shape mismatch: {tuple(out.shape)} vs {tuple(ref.shape)}"
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_rel_close(out, ref, tol: float, what: str = ""):
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: max|diff|/max|ref| = {err:.3e} > {tol:.0e}"
+
+
+# ---- the embedded model -------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def embedded():
+    """(hf_model, tokenizer) of the embedded SmolLM2-135M-Instruct, fp32, CPU, eval mode."""
+    from labutils.models import load_model
+
+    model, tokenizer = load_model(dtype=torch.float32, device="cpu")
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+# ---- tiny random models of each family ------------------------------------------------------------
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16,
+            vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+            bos_token_id=None, eos_token_id=None, pad_token_id=0)
+
+# name -> (model_type, extra config fields). Every family, GQA and MHA, tied and untied embeddings.
+TINY_FAMILIES = {
+    "llama-gqa-tied": ("llama", dict(num_key_value_heads=2, num_hidden_layers=2, tie_word_embeddings=True)),
+    "llama-mha-untied": ("llama", dict(num_key_value_heads=4, num_hidden_layers=3, tie_word_embeddings=False)),
+    "llama-gqa-attn-bias": ("llama", dict(num_key_value_heads=2, num_hidden_layers=2,
+                                           tie_word_embeddings=False, attention_bias=True)),
+    "qwen2-gqa-tied": ("qwen2", dict(num_key_value_heads=2, num_hidden_layers=2, tie_word_embeddings=True,
+                                     use_sliding_window=False)),
+    "qwen2-mha-untied": ("qwen2", dict(num_key_value_heads=4, num_hidden_layers=3, tie_word_embeddings=False,
+                                       use_sliding_window=False)),
+    "mistral-gqa-untied": ("mistral", dict(num_key_value_heads=2, num_hidden_layers=3,
+                                           tie_word_embeddings=False, sliding_window=None)),
+    "mistral-mha-tied": ("mistral", dict(num_key_value_heads=4, num_hidden_layers=2,
+                                         tie_word_embeddings=True, sliding_window=None)),
+}
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    model_type, extra = TINY_FAMILIES[family]
+    return AutoConfig.for_model(model_type, **{**TINY, **extra, **overrides})
+
+
+@torch.no_grad()
+def tiny_hf_model(family: str, seed: int = 0, **overrides):
+    """A seeded random transformers *ForCausalLM of the tiny family, fp32, eval mode.
+
+    Every parameter is re-drawn (norm weights around 1, biases non-zero) so that no part of the
+    computation (norm weights, q/k/v biases, ...) can be skipped without changing the logits.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name.endswith("norm.weight"):
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+        elif name.endswith(".bias"):
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+        elif "embed_tokens" in name:
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+    model.eval()
+    model.requires_grad_(False)
+    return model
