@@ -29,6 +29,11 @@ HEADLINES = {
                     ("matmul_bf16_tflops", "dense matmul (TFLOP/s)", "{:,.0f}")],
     "01_naive_attention": [("decoder_vs_hf_max_rel_err", "lab decoder vs HF, max rel err (fp32)", "{:.1e}"),
                            ("no_cache_ms_per_token", "no-cache ms/token by length", None)],
+    "02_kv_cache": [("engine_bs1_tok_s", "lab engine, batch 1 (tok/s, shape twin)", "{:,.1f}"),
+                    ("hf_generate_bs1_tok_s", "HF generate, batch 1 (tok/s, shape twin)", "{:,.1f}"),
+                    ("engine_vs_roofline", "engine / (copy BW / model bytes)", "{:.1%}"),
+                    ("engine_vs_roofline_bytes_read", "engine / (copy BW / bytes read)", "{:.1%}"),
+                    ("kv_bytes_measured", "KV cache bytes measured / predicted", None)],
 }
 
 
@@ -71,7 +76,9 @@ def headlines(stems: list[str]) -> str:
         rec = json.loads(path.read_text())
         for key, label, fmt in HEADLINES.get(stem, []):
             value = rec["metrics"].get(key)
-            if isinstance(value, dict):
+            if key == "kv_bytes_measured" and value is not None:
+                text = f"{value:,} / {rec['metrics']['kv_bytes_predicted']:,}"
+            elif isinstance(value, dict):
                 text = ", ".join(f"{k}: {v:.1f}" for k, v in value.items())
             else:
                 text = fmt.format(value) if (fmt and value is not None) else str(value)

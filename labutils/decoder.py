@@ -129,9 +129,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, input_pos, attn_fn):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):  # fused by Decoder.fuse_projections: one matmul instead of three
+            q, k, v = self.qkv_proj(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                                              self.n_kv_head * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_head, S, head_dim)
@@ -150,7 +155,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):  # fused by Decoder.fuse_projections
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -205,6 +214,31 @@ class Decoder(nn.Module):
             if isinstance(module, nn.Linear) and not (name == "lm_head" and self.cfg.tie_embeddings):
                 parent_name, _, child = name.rpartition(".")
                 setattr(self.get_submodule(parent_name) if parent_name else self, child, make(name, module))
+        return self
+
+    def fuse_projections(self) -> "Decoder":
+        """Concatenate q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj`` per layer.
+
+        Same arithmetic, fewer and larger matmuls: at batch 1 each matmul is a pass over its weights,
+        and a long pass wastes less time ramping up and down. The fused weights are new tensors (the
+        originals stay with whoever else holds them, e.g. the HF model). Call before swap_linears.
+        """
+        def cat(linears):
+            fused = nn.Linear(linears[0].in_features, sum(l.out_features for l in linears),
+                              bias=linears[0].bias is not None, device=self.device, dtype=self.dtype)
+            with torch.no_grad():
+                fused.weight.copy_(torch.cat([l.weight for l in linears]))
+                if fused.bias is not None:
+                    fused.bias.copy_(torch.cat([l.bias for l in linears]))
+            return fused
+
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            if not hasattr(a, "qkv_proj"):
+                a.qkv_proj = cat([a.q_proj, a.k_proj, a.v_proj])
+                del a.q_proj, a.k_proj, a.v_proj
+                m.gate_up_proj = cat([m.gate_proj, m.up_proj])
+                del m.gate_proj, m.up_proj
         return self
 
     # ---- forward ---------------------------------------------------------------------------

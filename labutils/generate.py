@@ -34,3 +34,24 @@ def greedy_no_cache(model, idx: torch.Tensor, max_new_tokens: int, eos_id: int |
             if bool(done.all()):
                 break
     return idx
+
+
+@torch.no_grad()
+def greedy_cached(model, idx: torch.Tensor, max_new_tokens: int, caches) -> torch.Tensor:
+    """The same greedy loop with a KV cache (notebook 02): the prompt once, then one token per step.
+
+    ``caches``: one cache per layer (labutils.kv_cache), attached through the decoder's cache seam
+    for the duration of the call.
+    """
+    model.set_kv_caches(caches)
+    try:
+        T = idx.shape[1]
+        logits = model(idx, torch.arange(T, device=idx.device), last_only=True)  # prefill: fills the caches
+        out = [logits[:, -1].argmax(dim=-1, keepdim=True)]
+        for i in range(max_new_tokens - 1):
+            pos = torch.tensor([T + i], device=idx.device)
+            logits = model(out[-1], pos, last_only=True)  # one new token, attending to the cache
+            out.append(logits[:, -1].argmax(dim=-1, keepdim=True))
+    finally:
+        model.set_kv_caches(None)
+    return torch.cat([idx, *out], dim=1)

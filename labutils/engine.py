@@ -1,0 +1,166 @@
+"""A greedy decode engine on the lab decoder: static KV cache, then CUDA graphs (notebook 02).
+
+At batch 1 a decode step must read every weight once, so its speed limit is bandwidth / weight
+bytes. Python and kernel-launch overhead stand between an eager loop and that limit: a 7B decoder
+step launches ~900 small kernels. ``DecodeEngine`` removes that overhead in stages:
+
+- ``mode="eager"``: static cache, one forward per token, launched from Python;
+- ``mode="graph"``: the same step captured once in a ``torch.cuda.CUDAGraph`` and replayed, so the
+  CPU launches one graph per token instead of ~900 kernels (the step's shapes never change thanks
+  to the static cache, which is what makes capture possible);
+- ``mode="compile"``: the step compiled by ``torch.compile`` (Inductor fuses norms, RoPE and
+  SwiGLU into fewer kernels and writes its own matrix-vector kernels), then captured the same way.
+
+Inside the captured step the sampled token is written back into the input buffer and the position
+advanced, so the loop is ``replay(); record token`` per step.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .kv_cache import static_caches
+
+MODES = ("eager", "graph", "compile")
+
+
+def configure_inductor():
+    """Inductor settings that suit batch-1 decoding (as in gpt-fast)."""
+    import torch._inductor.config as ic
+
+    ic.coordinate_descent_tuning = True
+    ic.triton.unique_kernel_names = True
+    ic.fx_graph_cache = True
+
+
+class DecodeEngine:
+    def __init__(self, model, batch: int = 1, max_seq_len: int = 1024, mode: str = "eager"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode != "eager" and model.device.type != "cuda":
+            raise RuntimeError(f"mode={mode!r} captures CUDA graphs and needs a GPU; use mode='eager' on the CPU")
+        self.model, self.batch, self.mode = model, batch, mode
+        self.max_seq_len = max_seq_len
+        self.caches = static_caches(model, batch, max_seq_len)
+        dev = model.device
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # the step's input token
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # its position
+        self.graph = None
+        step = self._step
+        if mode == "compile":
+            configure_inductor()
+            step = torch.compile(self._step, fullgraph=True, dynamic=False)
+        self.step_fn = step
+
+    def _step(self, tok, pos):
+        """One decode step: logits for the new token, argmax, feed it back, advance the position."""
+        logits = self.model(tok, pos, last_only=True)  # (B, 1, vocab)
+        nxt = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        tok.copy_(nxt)
+        pos.add_(1)
+        return nxt
+
+    def _attach(self):
+        self.model.set_kv_caches(self.caches)
+
+    def _capture(self):
+        """Warm up on a side stream (compiles, autotunes), then record the step once."""
+        saved_tok, saved_pos = self.tok.clone(), self.pos.clone()  # warm-up steps advance both
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.step_fn(self.tok, self.pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step_fn(self.tok, self.pos)
+        self.tok.copy_(saved_tok)
+        self.pos.copy_(saved_pos)
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        """Run the prompt idx (B, T) through the model, filling the cache; returns the first new token."""
+        B, T = idx.shape
+        if B != self.batch:
+            raise ValueError(f"engine built for batch {self.batch}, got {B}")
+        self._attach()
+        for c in self.caches:
+            c.reset()
+        logits = self.model(idx, torch.arange(T, device=idx.device), last_only=True)
+        self.tok.copy_(logits[:, -1].argmax(dim=-1, keepdim=True))
+        self.pos.fill_(T)
+        return self.tok.clone()
+
+    @torch.no_grad()
+    def decode(self, n: int) -> torch.Tensor:
+        """n more tokens after prefill (or after the last decode): (B, n)."""
+        if int(self.pos) + n > self.max_seq_len:
+            raise ValueError(f"{int(self.pos)} + {n} tokens exceed the cache's {self.max_seq_len} positions")
+        self._attach()
+        if self.mode != "eager" and self.graph is None:
+            self._capture()
+        out = torch.empty(self.batch, n, dtype=torch.long, device=self.tok.device)
+        for i in range(n):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step_fn(self.tok, self.pos)
+            out[:, i : i + 1].copy_(self.tok)
+        return out
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy continuation: idx (B, T) -> (B, T + max_new_tokens)."""
+        first = self.prefill(idx)
+        rest = self.decode(max_new_tokens - 1) if max_new_tokens > 1 else first[:, :0]
+        return torch.cat([idx, first, rest], dim=1)
+
+    @torch.no_grad()
+    def decode_tok_s(self, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> float:
+        """Decode throughput in tokens/s for all sequences together (prefill not counted); best of
+        ``repeats`` timed runs after one warm-up run."""
+        best = float("inf")
+        for r in range(repeats + 1):
+            self.prefill(idx)
+            if self.mode != "eager" and self.graph is None:
+                self._capture()
+            sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
+            sync()
+            t0 = time.perf_counter()
+            self.decode(n)
+            sync()
+            if r:
+                best = min(best, time.perf_counter() - t0)
+        return self.batch * n / best
+
+
+@torch.no_grad()
+def hf_decode_tok_s(hf_model, idx: torch.Tensor, n: int = 64, repeats: int = 2,
+                    static_cache_len: int | None = None) -> float:
+    """Decode throughput of ``hf_model.generate`` (greedy, exactly n new tokens), prefill excluded:
+    (n - 1) * batch / (t(n tokens) - t(1 token)), each time the best of ``repeats`` after a warm-up.
+
+    ``static_cache_len``: give every call a fresh transformers ``StaticCache`` of that many positions
+    (one shape for all calls, so the forward that transformers then compiles is compiled once).
+    """
+    def timed(k):
+        kwargs = {}
+        if static_cache_len is not None:
+            from transformers import StaticCache
+            kwargs["past_key_values"] = StaticCache(config=hf_model.config, max_cache_len=static_cache_len)
+        best = float("inf")
+        for _ in range(repeats):
+            if idx.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            hf_model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=k, min_new_tokens=k,
+                              do_sample=False, pad_token_id=0, **kwargs)
+            if idx.is_cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    timed(2)  # warm-up (and compilation, if the model is compiled)
+    return idx.shape[0] * (n - 1) / (timed(n) - timed(1))
