@@ -201,6 +201,7 @@ class Decoder(nn.Module):
         if len(caches) != self.cfg.n_layer:
             raise ValueError(f"need one cache per layer ({self.cfg.n_layer}), got {len(caches)}")
         for layer, cache in zip(self.layers, caches):
+            del layer.self_attn.kv_cache  # a StaticKVCache (an nn.Module) registered itself as a child
             layer.self_attn.kv_cache = cache
         return self
 

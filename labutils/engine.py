@@ -85,6 +85,8 @@ class DecodeEngine:
         B, T = idx.shape
         if B != self.batch:
             raise ValueError(f"engine built for batch {self.batch}, got {B}")
+        if T >= self.max_seq_len:
+            raise ValueError(f"a prompt of {T} tokens leaves no room in the cache's {self.max_seq_len} positions")
         self._attach()
         for c in self.caches:
             c.reset()
@@ -113,9 +115,10 @@ class DecodeEngine:
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation: idx (B, T) -> (B, T + max_new_tokens)."""
+        if max_new_tokens < 1:
+            return idx.clone()
         first = self.prefill(idx)
-        rest = self.decode(max_new_tokens - 1) if max_new_tokens > 1 else first[:, :0]
-        return torch.cat([idx, first, rest], dim=1)
+        return torch.cat([idx, first, self.decode(max_new_tokens - 1)], dim=1)
 
     @torch.no_grad()
     def decode_tok_s(self, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> float:
