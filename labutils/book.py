@@ -25,8 +25,8 @@ BUILD = REPO / "build" / "notebooks"
 
 # The headline metric(s) of each notebook: (metric key, label, format).
 HEADLINES = {
-    "00_roofline": [("copy_gbps", "copy bandwidth (GB/s, read+write)", "{:,.0f}"),
-                    ("matmul_bf16_tflops", "dense matmul (TFLOP/s)", "{:,.0f}")],
+    "00_roofline": [("copy_gbps", "copy bandwidth (GB/s, read+write)", "{:,.4g}"),
+                    ("matmul_bf16_tflops", "dense bf16 matmul (TFLOP/s)", "{:,.4g}")],
     "01_naive_attention": [("decoder_vs_hf_max_rel_err", "lab decoder vs HF, max rel err (fp32)", "{:.1e}"),
                            ("no_cache_ms_per_token", "no-cache ms/token by length", None)],
     "02_kv_cache": [("engine_bs1_tok_s", "lab engine, batch 1 (tok/s, shape twin)", "{:,.1f}"),
