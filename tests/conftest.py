@@ -27,6 +27,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
+def assert_same_tokens(lab: torch.Tensor, ref: torch.Tensor, prompt_len: int, what: str):
+    assert lab.shape == ref.shape, f"{what}: shapes {tuple(lab.shape)} vs {tuple(ref.shape)}"
+    assert torch.equal(lab[:, :prompt_len], ref[:, :prompt_len]), f"{what}: the prompt was altered"
+    diff = (lab[:, prompt_len:] != ref[:, prompt_len:]).nonzero()
+    if len(diff):
+        b, t = diff[0].tolist()
+        raise AssertionError(
+            f"{what}: {len(diff)} generated tokens differ; first at sequence {b}, step {t}: "
+            f"got {lab[b, prompt_len:].tolist()} vs reference {ref[b, prompt_len:].tolist()}")
+
+
 def assert_rel_close(out, ref, tol: float, what: str = ""):
     err = rel_err(out, ref)
     assert err <= tol, f"{what}: max|diff|/max|ref| = {err:.3e} > {tol:.0e}"

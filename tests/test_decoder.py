@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import TINY_FAMILIES, assert_rel_close, rel_err, tiny_config, tiny_hf_model
+from conftest import TINY_FAMILIES, assert_rel_close, assert_same_tokens, rel_err, tiny_config, tiny_hf_model
 from labutils.decoder import Decoder, DecoderConfig
 from labutils.generate import encode_prompt, greedy_no_cache
 
@@ -23,16 +23,6 @@ def hf_greedy(hf_model, ids: torch.Tensor, n: int) -> torch.Tensor:
     assert out.shape == (ids.shape[0], ids.shape[1] + n), f"HF generated {out.shape[1] - ids.shape[1]} tokens, not {n}"
     return out
 
-
-def assert_same_tokens(lab: torch.Tensor, ref: torch.Tensor, prompt_len: int, what: str):
-    assert lab.shape == ref.shape, f"{what}: shapes {tuple(lab.shape)} vs {tuple(ref.shape)}"
-    assert torch.equal(lab[:, :prompt_len], ref[:, :prompt_len]), f"{what}: the prompt was altered"
-    diff = (lab[:, prompt_len:] != ref[:, prompt_len:]).nonzero()
-    if len(diff):
-        b, t = diff[0].tolist()
-        raise AssertionError(
-            f"{what}: {len(diff)} generated tokens differ; first at sequence {b}, step {t}: "
-            f"lab {lab[b, prompt_len:].tolist()} vs HF {ref[b, prompt_len:].tolist()}")
 
 
 # ---- fixtures -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import TINY_FAMILIES, assert_rel_close, tiny_hf_model
+from conftest import TINY_FAMILIES, assert_rel_close, assert_same_tokens, tiny_hf_model
 from labutils.decoder import Decoder
 from labutils.engine import DecodeEngine
 from labutils.generate import encode_prompt, greedy_no_cache
@@ -18,15 +18,6 @@ N_NEW = 24
 PROMPT = "Name three primary colors and one use for each."
 FUSE_TOL = 1e-5
 
-
-def assert_same_tokens(out: torch.Tensor, ref: torch.Tensor, prompt_len: int, what: str):
-    assert out.shape == ref.shape, f"{what}: shapes {tuple(out.shape)} vs {tuple(ref.shape)}"
-    assert torch.equal(out[:, :prompt_len], ref[:, :prompt_len]), f"{what}: the prompt was altered"
-    diff = (out != ref).nonzero()
-    if len(diff):
-        b, t = diff[0].tolist()
-        raise AssertionError(f"{what}: {len(diff)} tokens differ; first at sequence {b}, step {t - prompt_len}: "
-                             f"engine {out[b, prompt_len:].tolist()} vs no cache {ref[b, prompt_len:].tolist()}")
 
 
 # ---- the embedded model ------------------------------------------------------------------------------
