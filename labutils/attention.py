@@ -55,13 +55,21 @@ def sdpa_attention(q, k, v, q_pos):
 
 
 BACKENDS = {"naive": naive_attention, "sdpa": sdpa_attention}
+# Backends built from Triton kernels, imported on first use (name -> (module, function)).
+LAZY_BACKENDS = {"flash": ("labutils.flash_attention", "flash_backend")}  # notebook 03
 
 
 def get_backend(name_or_fn):
-    """A backend by name ('naive', 'sdpa', or one a later notebook registers) or the function itself."""
+    """A backend by name ('naive', 'sdpa', 'flash', or one a later notebook registers) or the function itself."""
     if callable(name_or_fn):
         return name_or_fn
+    if name_or_fn not in BACKENDS and name_or_fn in LAZY_BACKENDS:
+        import importlib
+
+        module, fn = LAZY_BACKENDS[name_or_fn]
+        BACKENDS[name_or_fn] = getattr(importlib.import_module(module), fn)
     try:
         return BACKENDS[name_or_fn]
     except KeyError:
-        raise ValueError(f"unknown attention backend {name_or_fn!r}; known: {', '.join(BACKENDS)}") from None
+        known = ", ".join([*BACKENDS, *(n for n in LAZY_BACKENDS if n not in BACKENDS)])
+        raise ValueError(f"unknown attention backend {name_or_fn!r}; known: {known}") from None
