@@ -26,6 +26,8 @@ def show_source(obj):
     rather than keeping a second copy of it."""
     from IPython.display import Markdown, display
 
+    while not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj)) and hasattr(obj, "fn"):
+        obj = obj.fn  # a Triton kernel (JITFunction, its interpreter form, an Autotuner) wraps its function
     display(Markdown(f"```python\n{inspect.getsource(obj)}```"))
 
 
