@@ -76,25 +76,24 @@ def _(x, w, b=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
-class GemvLinear(nn.Module):
-    """An nn.Linear whose single-row products run the Triton GEMV (weights shared, not copied)."""
+class _SharedLinear(nn.Module):
+    """Holds an nn.Linear's weight and bias (shared, not copied); subclasses choose the product."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
+
+
+class GemvLinear(_SharedLinear):
+    """An nn.Linear whose single-row products run the Triton GEMV."""
 
     def forward(self, x):
         return torch.ops.labutils.linear_gemv(x, self.weight, self.bias)
 
 
-class ReduceLinear(nn.Module):
+class ReduceLinear(_SharedLinear):
     """An nn.Linear written as a multiply-and-sum when one row comes in, for torch.compile to fuse."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x):
         if x.numel() // x.shape[-1] != 1:
