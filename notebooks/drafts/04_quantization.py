@@ -1,0 +1,368 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Weight-only quantization: fewer bytes, more tokens per second
+#
+# At batch 1 a decode step reads every weight once (notebook 02), so storing weights in fewer
+# bytes should buy speed in proportion: int8 halves the bytes of bf16, int4 quarters them. That
+# only happens if the weights are dequantized *inside* the matrix-vector product, in registers;
+# a kernel that first writes a bf16 copy of the weight reads and writes more than it saves. This
+# notebook
+#
+# 1. builds three quantizers (INT8 per channel, INT4 per group of 128, NF4 per block of 64) and
+#    measures their error;
+# 2. reads the Triton kernels that dequantize inside the product (W8A16, W4A16) and checks them;
+# 3. times them per layer against cuBLAS and bitsandbytes, in GB/s of weight bytes;
+# 4. runs the decode engine of notebook 02 with each format on the Qwen2.5-7B **shape twin**;
+# 5. measures what each format costs in perplexity on real weights (the embedded model);
+# 6. looks beyond weight-only: W8A8 through `torch._int_mm` and FP8.
+#
+# **About the "unquantized" model.** The embedded SmolLM2-135M ships as a Q4_1 GGUF, so its fp32
+# weights are already a 4-bit model dequantized; quantizing them again adds a second round of
+# error on a grid that does not line up with the first. Its perplexities say how the formats
+# compare, not what they would cost a bf16 model.
+
+# %%
+import pandas as pd
+import plotly.express as px
+import torch
+import torch.nn.functional as F
+
+from labutils import configs, quant, roofline
+from labutils.bench import time_fn
+from labutils.data import load_text
+from labutils.decoder import Decoder
+from labutils.engine import DecodeEngine
+from labutils.gemv import GemvLinear
+from labutils.hardware import copy_bandwidth_gbps
+from labutils.models import load_model, shape_twin
+from labutils.notebook import setup, show_source, slider
+from labutils.perplexity import perplexity
+from labutils.results import save_results
+from labutils.runtime import has_cuda, pick
+
+device = setup()
+DT = pick(torch.bfloat16, torch.float32)  # bf16 is wrong in Triton's interpreter
+FORMATS = ["int8", "int4", "nf4"]
+QUANTIZE = {"int8": quant.quantize_int8, "int4": quant.quantize_int4, "nf4": quant.quantize_nf4}
+
+# %% [markdown]
+# ## 1. Three formats and their error
+
+# %%
+show_source(quant.quantize_int4)
+
+# %%
+hf, tok = load_model()  # the embedded model, fp32
+real_W = hf.model.layers[0].mlp.up_proj.weight.detach().float().cpu()  # (1536, 576), real weights
+N, K = pick((18944, 3584), (512, 256))
+rand_W = torch.randn(N, K) * 0.02  # Gaussian, the shape of a Qwen2.5-7B up_proj
+rows = []
+for name, W in [("SmolLM2 layer-0 up_proj (real)", real_W), (f"Gaussian {N}x{K}", rand_W)]:
+    for fmt in FORMATS:
+        q = QUANTIZE[fmt](W)
+        rows.append({"weight": name, "format": fmt, "bytes/weight": q.nbytes / W.numel(),
+                     "rel error": quant.quant_error(W, q)})
+err = pd.DataFrame(rows)
+print(err.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+
+# %% [markdown]
+# Smaller groups cost more bytes (one fp16 scale and one zero point per group) and buy accuracy:
+
+# %%
+def group_tradeoff(group_size: int = 128):
+    q = quant.quantize_int4(rand_W, group_size=group_size)
+    print(f"int4, group {group_size}: {q.nbytes / rand_W.numel():.4f} bytes/weight, "
+          f"rel error {quant.quant_error(rand_W, q):.4f}")
+
+
+for g in (32, 64, 128, 256):
+    group_tradeoff(g)
+slider(group_tradeoff, group_size=(32, 512, 32, 128))
+
+# %% [markdown]
+# ## 2. Kernels that dequantize inside the product
+#
+# Each program streams BLOCK_N rows of packed weights along K, unpacks two 4-bit codes per byte,
+# applies scale and zero (or looks the NF4 level up in a 16-entry table) in registers and
+# accumulates in fp32. With 2-16 activation rows, all rows share one `tl.dot` per weight tile, so
+# the weights are still read once.
+
+# %%
+show_source(quant._w4a16_kernel)
+
+# %%
+checks = []
+Nk, Kk = pick((4096, 3584), (96, 256))
+Wk = torch.randn(Nk, Kk, device=device) * 0.02
+for fmt in FORMATS:
+    for dtype in pick([torch.float16, torch.bfloat16], [torch.float32, torch.float16]):
+        lin = torch.nn.Linear(Kk, Nk, bias=True, device=device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(Wk)
+        qlin = quant.FORMATS[fmt].from_linear(lin)
+        W_deq = qlin.dequantize(torch.float32)  # what the kernel should multiply by
+        for M in (1, 4, 16):
+            x = torch.randn(M, Kk, device=device, dtype=dtype)
+            ref = F.linear(x.float(), W_deq, lin.bias.float())
+            e = ((qlin(x).float() - ref).norm() / ref.norm()).item()
+            checks.append({"format": fmt, "rows": M, "dtype": str(dtype)[6:], "rel err": e,
+                           "tol": 1e-5 if dtype == torch.float32 else 1e-2})
+checks = pd.DataFrame(checks)
+print(checks.to_string(index=False))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"every kernel within its dtype's tolerance of the dequantized reference: {bool((checks['rel err'] <= checks['tol']).all())}")
+
+# %% [markdown]
+# ## 3. Per layer: time and GB/s of weight bytes
+#
+# **Prediction.** A layer at batch 1 takes (bytes stored) / bandwidth: int8 ≈ 0.5× and int4 ≈
+# 0.26× of bf16's time if the kernels stream as well as a copy. Beside them: cuBLAS in bf16 and
+# fp16, and bitsandbytes' int8 and nf4 layers (when the package is installed).
+
+# %%
+copy_gbps = copy_bandwidth_gbps()["gbps"]
+try:
+    import bitsandbytes as bnb
+except ImportError:
+    bnb = None
+HAS_BNB = bnb is not None and has_cuda()
+print(f"copy bandwidth {copy_gbps:,.0f} GB/s; bitsandbytes: {bnb.__version__ if bnb else 'not installed'}")
+
+
+def bnb_linear(lin: torch.nn.Linear, fmt: str):
+    """A bitsandbytes layer holding ``lin``'s weights (quantized when moved to the GPU)."""
+    W = lin.weight.detach().to("cpu", torch.float16)
+    if fmt == "int8":
+        m = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                has_fp16_weights=False, threshold=0.0)
+        m.weight = bnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False)
+    else:
+        m = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=lin.weight.dtype, quant_type="nf4")
+        m.weight = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4")
+    if lin.bias is not None:
+        m.bias = torch.nn.Parameter(lin.bias.detach().to("cpu"), requires_grad=False)
+    return m.to(lin.weight.device)
+
+
+def module_bytes(m) -> int:
+    """Bytes a layer keeps for its weights (packed codes, scales, zeros; bias excluded)."""
+    if isinstance(m, quant._QuantLinear):
+        return m.nbytes
+    return sum(t.nbytes for k, t in m.state_dict().items() if torch.is_tensor(t) and not k.endswith("bias"))
+
+
+SHAPES = pick({"up_proj 3584->18944": (18944, 3584), "qkv fused 3584->4608": (4608, 3584),
+               "o_proj 3584->3584": (3584, 3584), "down_proj 18944->3584": (3584, 18944)},
+              {"up_proj (smoke)": (96, 256)})
+HEADLINE = next(iter(SHAPES))
+
+
+def layer_times(M: int = 1, shapes=SHAPES) -> pd.DataFrame:
+    rows = []
+    for shape, (N, K) in shapes.items():
+        lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=DT)
+        x = torch.randn(M, K, device=device, dtype=DT)
+        variants = {"cuBLAS " + str(DT)[6:]: (lambda: F.linear(x, lin.weight), lin.weight.nbytes)}
+        if has_cuda():
+            w16, x16 = lin.weight.half(), x.half()
+            variants["cuBLAS float16"] = (lambda: F.linear(x16, w16), w16.nbytes)
+        for fmt in FORMATS:
+            q = quant.FORMATS[fmt].from_linear(lin)
+            variants[f"lab {fmt}"] = (lambda q=q: q(x), module_bytes(q))
+        if HAS_BNB:
+            for fmt in ("int8", "nf4"):
+                try:
+                    b = bnb_linear(lin, fmt)
+                    variants[f"bitsandbytes {fmt}"] = (lambda b=b: b(x), module_bytes(b))
+                except Exception as e:  # noqa: BLE001  (report, keep going)
+                    print(f"bitsandbytes {fmt} failed: {type(e).__name__}: {str(e)[:120]}")
+        for name, (fn, nbytes) in variants.items():
+            fn()  # compile / autotune outside the timing
+            us = time_fn(fn, rep_ms=pick(100, 20)).median_ms * 1e3
+            rows.append({"layer": shape, "rows": M, "kernel": name, "us": us, "GB/s": nbytes / us / 1e3,
+                         "% of copy": nbytes / us / 1e3 / copy_gbps})
+    return pd.DataFrame(rows)
+
+
+per_layer = layer_times(1)
+base_us = per_layer[(per_layer.layer == HEADLINE) & per_layer.kernel.str.startswith("cuBLAS")].us.min()
+per_layer["vs cuBLAS"] = per_layer.us / per_layer.layer.map(
+    per_layer[per_layer.kernel.str.startswith("cuBLAS")].groupby("layer").us.min())
+print(per_layer.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
+
+# %%
+def batch_sweep(max_rows: int = 16):
+    df = pd.concat([layer_times(M, {HEADLINE: SHAPES[HEADLINE]}) for M in sorted({1, 2, 4, 8, max_rows})])
+    px.line(df, x="rows", y="us", color="kernel", markers=True, log_y=True,
+            title=f"{HEADLINE}: time against activation rows").show()
+    return df
+
+
+sweep = batch_sweep(pick(16, 2))
+slider(batch_sweep, max_rows=(2, 16, 1, 16))
+
+# %% [markdown]
+# ## 4. End to end: the decode engine with each format (shape twin)
+#
+# The engine of notebook 02 (fused projections, static cache, torch.compile + CUDA graph) with its
+# linear layers swapped through the seam. Each format's roofline is the copy bandwidth over the
+# bytes it actually reads per token.
+
+# %%
+arch = pick("Qwen2.5-7B", "SmolLM2-135M")
+twin = shape_twin(arch, dtype=DT)  # random weights: speed only
+tcfg = configs.arch(arch)
+ids = torch.randint(0, tcfg["vocab_size"], (1, 32), device=device)
+n_decode = pick(128, 4)
+e2e_formats = pick(["bf16", "int8", "int4", "nf4"] + (["bnb_int8", "bnb_nf4"] if HAS_BNB else []), ["bf16", "int8"])
+
+
+def build(fmt: str) -> Decoder:
+    m = Decoder.from_hf(twin).fuse_projections()
+    if fmt == "bf16":
+        return m.swap_linears(lambda n, l: GemvLinear(l)) if has_cuda() else m
+    if fmt.startswith("bnb_"):
+        return m.swap_linears(lambda n, l: bnb_linear(l, fmt[4:]))
+    # on a CPU the kernels run in Triton's interpreter, far too slowly for a whole model: use the
+    # same arithmetic through dequantized weights there
+    return quant.quantize_model(m, fmt, simulate=not has_cuda())
+
+
+e2e = []
+for fmt in e2e_formats:
+    model_q = build(fmt)
+    linear_bytes = sum(module_bytes(m) for n, m in model_q.named_modules()
+                       if n.endswith(("_proj", "lm_head")) and not list(m.children()))
+    if has_cuda():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    tok_s, used = None, None
+    for mode in pick(["compile", "graph", "eager"], ["eager"]):
+        try:
+            engine = DecodeEngine(model_q, batch=1, max_seq_len=32 + n_decode + 8, mode=mode)
+            tok_s, used = engine.decode_tok_s(ids, n_decode), mode
+            break
+        except Exception as e:  # noqa: BLE001  (some third-party layers cannot be compiled or captured)
+            print(f"{fmt}: mode {mode} failed ({type(e).__name__}: {str(e)[:100]}), trying the next")
+        finally:
+            torch._dynamo.reset()
+    bytes_per_token = linear_bytes + roofline.kv_bytes_per_token(tcfg, 2) * (32 + n_decode)
+    e2e.append({"format": fmt, "mode": used, "tok/s": tok_s, "GB read/token": bytes_per_token / 1e9,
+                "roofline tok/s": copy_gbps * 1e9 / bytes_per_token,
+                "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if has_cuda() else None})
+    del model_q
+e2e = pd.DataFrame(e2e)
+e2e["% of roofline"] = e2e["tok/s"] / e2e["roofline tok/s"]
+e2e["vs bf16"] = e2e["tok/s"] / e2e.loc[e2e.format == "bf16", "tok/s"].iloc[0]
+print(f"[{arch} shape twin, batch 1]")
+print(e2e.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
+
+# %%
+points = pd.DataFrame({"label": e2e.format, "group": "decode, batch 1",
+                       "intensity": [2 * roofline.linear_params(tcfg) / (b * 1e9) for b in e2e["GB read/token"]],
+                       "tflops": [2 * roofline.linear_params(tcfg) * t / 1e12 for t in e2e["tok/s"]]})
+peak = 989.0 if has_cuda() else 1.0
+roofline.chart(peak, copy_gbps, points, title=f"Formats on the roofline ({arch} shape twin, achieved)").show()
+
+# %% [markdown]
+# ## 5. Quality on real weights: perplexity
+#
+# The embedded model on the held-out text in data/ (`load_text('eval')`, never used for
+# calibration); activation-aware scaling (AWQ-style) calibrated on the calibration text only.
+# Remember the baseline is a dequantized Q4_1 model.
+
+# %%
+text = load_text("eval")
+max_tokens = pick(None, 1024)
+hf_q, _ = load_model(dtype=DT)
+calib = tok(load_text("calibration"), return_tensors="pt").input_ids[0, : 8 * 512].reshape(8, 512)
+ppl = {}
+ppl["bf16"] = perplexity(Decoder.from_hf(hf_q), tok, text, max_tokens=max_tokens)
+for fmt in FORMATS:
+    ppl[fmt] = perplexity(quant.quantize_model(Decoder.from_hf(hf_q), fmt), tok, text, max_tokens=max_tokens)
+awq = quant.awq_scales(Decoder.from_hf(hf_q), calib[: pick(8, 2)], "int4")
+ppl["int4_awq"] = perplexity(quant.quantize_model(Decoder.from_hf(hf_q), "int4", awq=awq), tok, text, max_tokens=max_tokens)
+if HAS_BNB:
+    for fmt in ("int8", "nf4"):
+        ppl[f"bnb_{fmt}"] = perplexity(Decoder.from_hf(hf_q).swap_linears(lambda n, l: bnb_linear(l, fmt)), tok, text,
+                                       max_tokens=max_tokens)
+quality = pd.DataFrame({"format": list(ppl), "perplexity": list(ppl.values())})
+quality["vs unquantized"] = quality.perplexity / ppl["bf16"] - 1
+print(f"unquantized = the embedded model in {str(DT)[6:]} (itself dequantized from Q4_1)")
+print(quality.to_string(index=False, float_format=lambda x: f"{x:,.4f}"))
+
+# %% [markdown]
+# ## 6. Beyond weight-only: W8A8 and FP8
+#
+# Quantizing the activations too lets the tensor cores multiply int8 × int8 (`torch._int_mm`) or
+# fp8 × fp8 (`torch._scaled_mm`, Hopper): that saves compute, which only pays when the layer is
+# compute-bound, i.e. at large batch. At batch 1 the weights' bytes are all that count.
+
+# %%
+beyond = []
+if has_cuda():
+    N, K = SHAPES[HEADLINE]
+    W = torch.randn(N, K, device=device, dtype=torch.bfloat16) * 0.02
+    wq = quant.quantize_int8(W.float())
+    w_i8, w_s = wq.q, wq.scale.float()  # (N, K) int8, (N,) per output channel
+    w_amax = W.abs().max().float()
+    w_f8 = (W.float() / (w_amax / 448)).to(torch.float8_e4m3fn)
+    for M in (1, 16, 256, 4096):
+        x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+        pad = max(M, 32)  # _int_mm wants more than 16 rows; fp8 wants a multiple of 16
+
+        def w8a8():
+            xs = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127  # per-token scale
+            xq = torch.zeros(pad, K, device=device, dtype=torch.int8)
+            xq[:M] = (x.float() / xs).round().to(torch.int8)
+            return torch._int_mm(xq, w_i8.t())[:M].float() * xs * w_s
+
+        def fp8():
+            xa = x.float().abs().max().clamp_min(1e-8) / 448
+            x8 = torch.zeros(pad, K, device=device, dtype=torch.float8_e4m3fn)
+            x8[:M] = (x.float() / xa).to(torch.float8_e4m3fn)
+            return torch._scaled_mm(x8, w_f8.t(), scale_a=xa, scale_b=w_amax / 448, out_dtype=torch.bfloat16)[:M]
+
+        row = {"rows": M, "bf16 cuBLAS us": time_fn(lambda: F.linear(x, W)).median_ms * 1e3}
+        for name, fn in (("W8A8 _int_mm us", w8a8), ("FP8 _scaled_mm us", fp8)):
+            try:
+                fn()
+                row[name] = time_fn(fn).median_ms * 1e3
+            except RuntimeError as e:
+                print(f"{name} at {M} rows: {str(e)[:120]}")
+                row[name] = None
+        beyond.append(row)
+    beyond = pd.DataFrame(beyond)
+    print(beyond.to_string(index=False, float_format=lambda x: f"{x:,.1f}"))
+else:
+    print("int8 x int8 and fp8 tensor-core products need a GPU")
+
+# %% [markdown]
+# ## 7. Results
+
+# %%
+headline = per_layer[per_layer.layer == HEADLINE].set_index("kernel").us
+metrics = {
+    "layer_us": {k.replace("lab ", "").replace("bitsandbytes ", "bnb_").replace("cuBLAS ", ""): v for k, v in headline.items()},
+    "engine_tok_s": dict(zip(e2e.format, e2e["tok/s"])),
+    "engine_roofline_tok_s": dict(zip(e2e.format, e2e["roofline tok/s"])),
+    "ppl": ppl, "ppl_tokens": max_tokens, "copy_gbps": copy_gbps, "shape_twin": arch,
+    "per_layer": per_layer.to_dict(orient="records"),
+    "beyond_weight_only": beyond.to_dict(orient="records") if len(beyond) else None,
+}
+print(save_results("04_quantization", metrics, dtype=DT, note="engine tok/s on a random-weight shape twin; ppl on the embedded model"))
