@@ -210,8 +210,9 @@ px.line(long, x="N", y="TFLOP/s", color="kernel", line_dash="causal", facet_col=
 # %% [markdown]
 # ## 6. Block sizes
 #
-# The autotuner tries BLOCK_M ∈ {64, 128} × BLOCK_N ∈ {32, 64, 128} × 2-4 pipeline stages × 4 or
-# 8 warps and keeps the fastest per (length bucket, head_dim, causal). What it chose:
+# The autotuner tries a handful of tilings (`labutils.flash_attention._FWD_CONFIGS`: BLOCK_M 64 or
+# 128, BLOCK_N 32-128, 3-4 pipeline stages, 4 or 8 warps; each one is a separate compile) and keeps
+# the fastest per (length bucket, head_dim, causal). What it chose:
 
 # %%
 for key, cfg in fa._attn_fwd_tuned.cache.items():
