@@ -238,7 +238,7 @@ slider(compare_at, seq_len=(16, max_len - 1, 16, pick(512, 64)))
 # | stage | what it removes |
 # |---|---|
 # | `eager` | the dynamic cache (static cache: no allocation, fixed shapes) |
-# | `graph` | the ~1,000 kernel launches Python makes per token (counted below): the step is captured once in a CUDA graph and replayed |
+# | `graph` | the ~1,400 kernel launches Python makes per token (counted below): the step is captured once in a CUDA graph and replayed |
 # | `compile` | small kernels: Inductor fuses norms, RoPE, SwiGLU and residuals |
 # | `+ fused + GEMV` | short matmuls: q/k/v and gate/up concatenated into single passes, and a Triton matrix-vector kernel (`labutils/gemv.py`) through the linear-layer seam |
 #
