@@ -150,12 +150,12 @@ def hf_decode_tok_s(hf_model, idx: torch.Tensor, n: int = 64, repeats: int = 2,
     (one shape for all calls, so the forward that transformers then compiles is compiled once).
     """
     def timed(k):
-        kwargs = {}
-        if static_cache_len is not None:
-            from transformers import StaticCache
-            kwargs["past_key_values"] = StaticCache(config=hf_model.config, max_cache_len=static_cache_len)
         best = float("inf")
         for _ in range(repeats):
+            kwargs = {}
+            if static_cache_len is not None:  # a fresh cache per call: a used one holds the last call's tokens
+                from transformers import StaticCache
+                kwargs["past_key_values"] = StaticCache(config=hf_model.config, max_cache_len=static_cache_len)
             if idx.is_cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

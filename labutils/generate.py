@@ -55,3 +55,31 @@ def greedy_cached(model, idx: torch.Tensor, max_new_tokens: int, caches) -> torc
     finally:
         model.set_kv_caches(None)
     return torch.cat([idx, *out], dim=1)
+
+
+@torch.no_grad()
+def decode_step_ms(model, n: int, cached: bool = False, rep_ms: float = 100) -> float:
+    """Median ms of one decode step after a context of n tokens (notebooks 01 and 02).
+
+    Without a cache the step runs all n tokens through the model (last position's logits only);
+    with one (``cached``) the first n - 1 tokens sit in a static KV cache, filled beforehand and not
+    timed, and the step runs the n-th token alone at position n - 1. Both give the same logits.
+    Random token ids: the time does not depend on them.
+    """
+    from . import bench, kv_cache
+
+    max_len = model.cfg.max_seq_len
+    if not 1 <= n <= max_len:
+        raise ValueError(f"the context must hold 1..{max_len} tokens (the model's context), got {n}")
+    device = next(model.parameters()).device
+    x = torch.randint(0, model.cfg.vocab_size, (1, n), device=device)
+    if not cached:
+        return bench.time_fn(lambda: model(x, last_only=True), rep_ms=rep_ms).median_ms
+    model.set_kv_caches(kv_cache.static_caches(model, 1, n))
+    try:
+        if n > 1:
+            model(x[:, :-1], torch.arange(n - 1, device=device))  # prefill (not timed)
+        pos = torch.tensor([n - 1], device=device)
+        return bench.time_fn(lambda: model(x[:, -1:], pos, last_only=True), rep_ms=rep_ms).median_ms
+    finally:
+        model.set_kv_caches(None)

@@ -227,3 +227,41 @@ def test_prefill_longer_than_cache_refused(tiny):
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(7))
     with pytest.raises(ValueError, match="no room"):
         DecodeEngine(tiny, batch=1, max_seq_len=8).prefill(ids)
+
+
+# ---- the HF baseline's timing and the step-cost helper ----------------------------------------------------
+def test_hf_decode_tok_s_fresh_static_cache_per_call():
+    """Every generate call gets an empty StaticCache: a used one holds the previous call's tokens, and
+    transformers 5.17 then slices the prompt to nothing ("cannot reshape tensor of 0 elements")."""
+    from labutils.engine import hf_decode_tok_s
+
+    hf_tiny = tiny_hf_model("llama-gqa-tied", seed=0)
+    seen, real_generate = [], hf_tiny.generate
+
+    def spy(*args, **kwargs):
+        cache = kwargs["past_key_values"]
+        seen.append((cache, cache.get_seq_length()))  # keeps it alive: ids stay unique
+        out = real_generate(*args, **kwargs)
+        assert out.shape[1] == args[0].shape[1] + kwargs["max_new_tokens"], "generate did not make exactly k tokens"
+        return out
+
+    hf_tiny.generate = spy
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    rate = hf_decode_tok_s(hf_tiny, ids, n=4, repeats=2, static_cache_len=16)
+    assert math.isfinite(rate) and rate > 0, f"hf_decode_tok_s = {rate!r}"
+    assert len(seen) == 6, f"expected warm-up + 2 x 2 timed calls, saw {len(seen)}"
+    assert len({id(c) for c, _ in seen}) == len(seen), "a StaticCache object was reused across generate calls"
+    assert all(n == 0 for _, n in seen), f"caches handed to generate were not empty: {seen}"
+
+
+def test_decode_step_ms(tiny):
+    from labutils.generate import decode_step_ms
+
+    for cached in (False, True):
+        for n in (1, 7):
+            ms = decode_step_ms(tiny, n, cached=cached, rep_ms=5)
+            assert math.isfinite(ms) and ms > 0, f"decode_step_ms(n={n}, cached={cached}) = {ms!r}"
+    assert all(layer.self_attn.kv_cache is None for layer in tiny.layers), "the helper left a cache attached"
+    for bad in (0, tiny.cfg.max_seq_len + 1):
+        with pytest.raises(ValueError, match="context"):
+            decode_step_ms(tiny, bad)
