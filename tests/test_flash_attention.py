@@ -11,6 +11,7 @@ import torch
 
 from conftest import assert_rel_close, tiny_hf_model
 from labutils import attention
+from labutils import flash_attention as fa
 from labutils.attention import naive_attention
 from labutils.decoder import Decoder
 from labutils.flash_attention import (attention_flops, flash_attention, flash_attention_bytes, flash_backend,
@@ -79,6 +80,43 @@ def test_block_shapes(block, T, S):
     q_pos = torch.arange(S - T, S)  # the same positions given explicitly: bounds from the loaded positions
     out = flash_attention(q, k, v, q_pos=q_pos[None], block=block)
     check(out, reference(q, k, v, q_pos), torch.float32, f"block {block}, T={T}, S={S}, explicit q_pos")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("B,H,KV,T,S,d", SHAPES, ids=lambda x: str(x))
+def test_tma_kernel_against_float64(B, H, KV, T, S, d, causal):
+    """The tensor-descriptor kernel (the default for fp16/bf16 on sm_90+) on the same shapes, with q as
+    a transposed view (B, T, H, d) -> (B, H, T, d), as the decoder passes it; LSE too."""
+    q, k, v = qkv(B, H, KV, T, S, d, torch.float16, seed=T * 5 + S + d)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides of a transposed view
+    out, lse = flash_attention(q, k, v, causal=causal, kernel="tma", return_lse=True)
+    check(out, reference(q, k, v, causal=causal), torch.float16, f"tma {(B, H, KV, T, S, d)} causal={causal}")
+    out_p, lse_p = flash_attention(q, k, v, causal=causal, kernel="pointer", return_lse=True)
+    assert norm_rel_err(out, out_p) <= 2e-3, "tma and pointer kernels disagree"
+    assert (lse - lse_p).abs().max() <= 1e-3, "tma and pointer kernels disagree on the log-sum-exp"
+
+
+@pytest.mark.parametrize("block", [(16, 16), (16, 32), (64, 16)], ids=str)
+def test_tma_block_shapes(block):
+    q, k, v = qkv(1, 4, 2, 45, 70, 16, torch.float16, seed=6)
+    for causal in (True, False):
+        out = flash_attention(q, k, v, causal=causal, block=block, kernel="tma")
+        check(out, reference(q, k, v, causal=causal), torch.float16, f"tma block {block}, causal={causal}")
+
+
+def test_kernel_choice():
+    q, k, v = qkv(1, 2, 2, 8, 8, 16)
+    assert not fa.tma_usable(q, k, v), "fp32 must stay on the pointer kernel (exact dots)"
+    assert fa.tma_usable(q.half(), k.half(), v.half())
+    with pytest.raises(ValueError, match="kernel='tma' needs"):
+        flash_attention(q, k, v, kernel="tma")
+    with pytest.raises(ValueError, match="kernel='tma' needs"):
+        flash_attention(q.half(), k.half(), v.half(), q_pos=torch.arange(8), kernel="tma")
+    with pytest.raises(ValueError, match="kernel must be"):
+        flash_attention(q, k, v, kernel="fast")
+    odd = torch.randn(1, 2, 8, 20, dtype=torch.float16)[..., :16]  # rows 40 bytes apart: no TMA
+    assert not fa.tma_usable(odd, odd, odd)
+    check(flash_attention(odd, odd, odd), reference(odd, odd, odd), torch.float16, "unaligned strides -> pointer kernel")
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
