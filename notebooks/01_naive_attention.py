@@ -38,7 +38,7 @@ import torch
 from labutils import attention, decoder, roofline
 from labutils.bench import time_fn
 from labutils.decoder import Decoder
-from labutils.generate import encode_prompt, greedy_no_cache
+from labutils.generate import decode_step_ms, encode_prompt, greedy_no_cache
 from labutils.hardware import copy_bandwidth_gbps, matmul_peak_tflops
 from labutils.models import load_model
 from labutils.notebook import setup, show_source, slider
@@ -230,12 +230,10 @@ def check_fits(seq_len: int, backend: str):
 def step_cost(seq_len: int, backend: str = "naive") -> dict:
     """Time one no-cache decode step at length seq_len: a forward over all seq_len tokens."""
     check_fits(seq_len, backend)
-    fast.set_attention(backend)
-    x = torch.randint(0, cfg["vocab_size"], (1, seq_len), device=device)
-    t = time_fn(lambda: fast(x, last_only=True), rep_ms=pick(300, 50))
+    ms = decode_step_ms(fast.set_attention(backend), seq_len, rep_ms=pick(300, 50))
     pre = roofline.prefill(cfg, seq_len, dtype_bytes)
     bound_ms = 1e3 * max(pre["bytes"] / (bw * 1e9), pre["flops"] / (peak * 1e12))
-    return {"seq_len": seq_len, "backend": backend, "ms": t.median_ms, "roofline_ms": bound_ms}
+    return {"seq_len": seq_len, "backend": backend, "ms": ms, "roofline_ms": bound_ms}
 
 
 @torch.no_grad()
