@@ -37,12 +37,12 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import torch
+from tqdm.auto import tqdm
 
 from labutils import configs, kv_cache, roofline
-from labutils.bench import time_fn
 from labutils.decoder import Decoder
 from labutils.engine import DecodeEngine, hf_decode_tok_s
-from labutils.generate import encode_prompt, greedy_cached, greedy_no_cache
+from labutils.generate import decode_step_ms, encode_prompt, greedy_cached, greedy_no_cache
 from labutils.gemv import GemvLinear
 from labutils.hardware import copy_bandwidth_gbps, matmul_peak_tflops
 from labutils.models import load_model, shape_twin
@@ -161,53 +161,56 @@ print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:,.2f
 # ## 4. What the cache saves
 #
 # Without a cache, the step that produces token n+1 runs all n tokens through the model; with
-# one, it runs one token and reads n cached keys/values. We time single steps of both on the
-# embedded model in the working dtype, as the sequence grows.
+# one, it runs one token and reads n cached keys/values. We time single steps of both as the
+# context grows, with `decode_step_ms` (also used by notebook 01), on the model whose speed this
+# notebook is after: on a GPU the **Qwen2.5-7B shape twin** in bf16 (its exact architecture with
+# random weights: time depends on shapes, not on values; it is the model of sections 5 and 6), on
+# a CPU the embedded model's shape in fp32 at small sizes.
 
 # %%
-dtype = default_dtype()
-hf_w, _ = load_model(dtype=dtype)
-fast = Decoder.from_hf(hf_w)
-max_len = fast.cfg.max_seq_len
+show_source(decode_step_ms)
+
+# %%
+twin_arch = pick("Qwen2.5-7B", "SmolLM2-135M")
+twin_dtype = pick(torch.bfloat16, torch.float32)
+twin = shape_twin(twin_arch, dtype=twin_dtype)  # random weights: speed only
+tcfg = configs.arch(twin_arch)
+lab = Decoder.from_hf(twin)
+max_len = lab.cfg.max_seq_len
 
 
-@torch.no_grad()
-def step_costs(seq_len: int) -> dict:
-    """ms for the step at position seq_len: without a cache (a forward over seq_len + 1 tokens) and
-    with a static cache of seq_len + 1 positions, seq_len of them already filled."""
-    if not 1 <= seq_len < max_len:
-        raise ValueError(f"seq_len must be in 1..{max_len - 1} (the model's context), got {seq_len}")
-    x = torch.randint(0, fast.cfg.vocab_size, (1, seq_len + 1), device=device)
-    fast.set_kv_caches(None)
-    no_cache = time_fn(lambda: fast(x, last_only=True), rep_ms=pick(200, 30)).median_ms
-    fast.set_kv_caches(kv_cache.static_caches(fast, 1, seq_len + 1))
-    fast(x[:, :seq_len], torch.arange(seq_len, device=device))  # prefill (not timed)
-    pos = torch.tensor([seq_len], device=device)
-    cached = time_fn(lambda: fast(x[:, seq_len:], pos, last_only=True), rep_ms=pick(200, 30)).median_ms
-    fast.set_kv_caches(None)
-    return {"seq_len": seq_len, "no cache": no_cache, "static KV cache": cached}
+def step_costs(n: int) -> dict:
+    """ms of the step after a context of n tokens, without and with a static KV cache [shape twin]."""
+    return {"context n": n, "no cache": decode_step_ms(lab, n, rep_ms=pick(200, 30)),
+            "static KV cache": decode_step_ms(lab, n, cached=True, rep_ms=pick(200, 30))}
 
 
-lengths = pick([64, 256, 1024, 2048, 4096, 8000], [16, 64, 128])
-costs = pd.DataFrame([step_costs(n) for n in lengths])
+lengths = pick([64, 256, 1024, 2048, 4096, 8192, 16384], [16, 64, 128])
+costs = pd.DataFrame([step_costs(n) for n in tqdm(lengths, desc="step costs")])
+costs["no cache / cache"] = costs["no cache"] / costs["static KV cache"]
+print(f"{twin_arch} shape twin, {str(twin_dtype)[6:]}, eager decoder, ms per step:")
 print(costs.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
-long = costs.melt(id_vars="seq_len", var_name="method", value_name="ms")
-px.line(long, x="seq_len", y="ms", color="method", markers=True, log_x=True, log_y=True,
-        title=f"One decode step at position n, embedded model ({str(dtype)[6:]})",
-        labels={"ms": "ms per new token", "seq_len": "position n"}).show()
+long = costs.drop(columns="no cache / cache").melt(id_vars="context n", var_name="method", value_name="ms")
+px.line(long, x="context n", y="ms", color="method", markers=True, log_x=True, log_y=True,
+        title=f"One decode step after n tokens, {twin_arch} shape twin ({str(twin_dtype)[6:]})",
+        labels={"ms": "ms per new token", "context n": "context n (tokens)"}).show()
 
 # %% [markdown]
 # Generating n tokens costs n(n+1)/2 token passes without a cache and n with one: O(n²) against
 # O(n) in the linear layers (attention over the cache still grows with n, but that is a read of
-# n·22.5 KiB per step here, small next to 270 MB of weights until n reaches tens of thousands).
+# n·56 KiB per step on this shape, small next to 15 GB of weights until n reaches tens of thousands).
 #
-# **Read the measured table with care.** On a CPU the gap shows at once. On an H100 this
-# 135M-parameter model does so little work per step that both columns sit at the same ~20-35 ms:
-# the time goes to Python and to launching ~1,500 small kernels per step (counted in section 5),
-# not to arithmetic. Even 8,000 tokens without a cache is only ~2 TFLOP, a few ms of tensor-core
-# time, hidden under that overhead. The saving becomes visible in time once the work per step
-# outgrows the overhead (a 7B model, long sequences), or once the overhead is removed, which is
-# what section 5 does. The slider measures both at any position.
+# **Reading the table.** With the cache the step costs about the same, ~21 ms, at every context
+# length: in this eager loop it is bound by launching ~1,400 small kernels from Python (counted in
+# section 5, which brings the same step down to ~5.6 ms), not by the weights or the cache. Without
+# the cache the step grows with n once the n-token forward's ~2·7.6e9·n FLOPs outweigh that fixed
+# cost: from ~1k tokens on the H100, up to ~25× the cached step at 16k tokens, and a generation
+# of n tokens pays that growing price at every step. Below ~1k tokens the uncached step is even a
+# little cheaper here: both are launch-bound, and the cached step launches two more kernels per
+# layer (the cache writes). Eager timings of a launch-bound GPU also move with the CPU's mood (the
+# slider's single measurement below can differ from the table's by 2×); section 5's captured steps
+# do not. On a 135M-parameter model the H100 cannot show the O(n²) cost at all (notebook 01: both
+# sit at ~20-35 ms), which is why this section uses the 7B shape.
 
 # %%
 def compare_at(seq_len: int = 512):
@@ -216,13 +219,13 @@ def compare_at(seq_len: int = 512):
     except ValueError as e:
         print(e)
         return
-    print(f"position {seq_len}: {r['no cache']:.2f} ms without a cache, {r['static KV cache']:.2f} ms with one "
-          f"({r['no cache'] / r['static KV cache']:.1f}x); to generate {seq_len} tokens: "
+    print(f"context {seq_len}: {r['no cache']:.2f} ms without a cache, {r['static KV cache']:.2f} ms with one "
+          f"({r['no cache'] / r['static KV cache']:.1f}x) [shape twin]; to generate {seq_len} tokens: "
           f"{seq_len * (seq_len + 1) // 2:,} token passes without, {seq_len:,} with")
 
 
 compare_at(pick(512, 64))
-slider(compare_at, seq_len=(16, max_len - 1, 16, pick(512, 64)))
+slider(compare_at, seq_len=(16, max_len, 16, pick(512, 64)))
 
 # %% [markdown]
 # ## 5. A decode engine at the bandwidth limit
@@ -250,11 +253,7 @@ show_source(DecodeEngine._step)
 show_source(DecodeEngine._capture)
 
 # %%
-twin_arch = pick("Qwen2.5-7B", "SmolLM2-135M")
-twin_dtype = pick(torch.bfloat16, torch.float32)
 copy_gbps = copy_bandwidth_gbps()["gbps"]
-twin = shape_twin(twin_arch, dtype=twin_dtype)  # random weights: speed only
-tcfg = configs.arch(twin_arch)
 prompt_len, n_decode = 32, pick(128, 8)
 ctx = prompt_len + n_decode
 bytes_read = roofline.decode_step(tcfg, 1, ctx, torch.finfo(twin_dtype).bits // 8)["bytes"]
@@ -285,7 +284,6 @@ if has_cuda():
         print(f"HF static cache + compile did not run: {type(e).__name__}: {str(e)[:200]}")
     torch._dynamo.reset()
 
-lab = Decoder.from_hf(twin)
 if has_cuda():  # how many GPU operations does one eager step launch?
     from torch.profiler import ProfilerActivity, profile
 
@@ -324,7 +322,10 @@ fig.show()
 
 # %% [markdown]
 # What each stage bought, read off the bars: the eager loop is bound by Python and kernel
-# launches, not by the GPU (its step takes several times the 4.7 ms of memory traffic). Replaying
+# launches, not by the GPU (its step takes several times the 4.7 ms of memory traffic); so is HF's
+# `generate` with its default dynamic cache. Given a static cache, transformers compiles its own
+# forward and captures CUDA graphs too, and lands close to the lab's `compile` stage; the rest of
+# the gap is what follows. Replaying
 # a CUDA graph makes the CPU's cost per token one launch. Compiling fuses the small elementwise
 # kernels that sat between the matmuls. The last few percent come from the matmuls themselves:
 # at batch 1 each is a single pass over a weight matrix, and a pass of 25-140 MB spends a
@@ -343,16 +344,20 @@ fig.show()
 peak = matmul_peak_tflops(torch.bfloat16)[0] if has_cuda() else matmul_peak_tflops(torch.float32)[0]
 swept = Decoder.from_hf(twin).fuse_projections() if has_cuda() else lab
 sweep_rows = []
-for B in pick([1, 2, 4, 8, 16, 32, 64, 128, 256], [1, 4]):
+for B in tqdm(pick([1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024], [1, 4]), desc="batch sweep"):
     engine = DecodeEngine(swept, batch=B, max_seq_len=ctx + 8, mode=pick("graph", "eager"))
     ids_b = torch.randint(0, tcfg["vocab_size"], (B, prompt_len), device=device)
     tok_s = engine.decode_tok_s(ids_b, pick(64, 4), repeats=2)
+    step = roofline.decode_step(tcfg, B, ctx, torch.finfo(twin_dtype).bits // 8)
     bound = roofline.decode_tok_s_bound(tcfg, peak, copy_gbps, B, ctx, torch.finfo(twin_dtype).bits // 8)
-    mem_only = B * copy_gbps * 1e9 / roofline.decode_step(tcfg, B, ctx, torch.finfo(twin_dtype).bits // 8)["bytes"]
+    mem_only = B * copy_gbps * 1e9 / step["bytes"]
     sweep_rows.append({"batch": B, "tok/s": tok_s, "roofline tok/s": bound, "memory-only bound": mem_only,
-                       "% of roofline": tok_s / bound})
+                       "% of roofline": tok_s / bound, "TFLOP/s": tok_s / B * step["flops"] / 1e12,
+                       "FLOP/byte": step["flops"] / step["bytes"],
+                       "bound by": "compute" if bound < mem_only * (1 - 1e-9) else "memory"})
     del engine
 sweep = pd.DataFrame(sweep_rows)
+print(f"[shape twin] ridge point {peak * 1e12 / (copy_gbps * 1e9):,.0f} FLOP/byte ({peak:,.1f} TFLOP/s, {copy_gbps:,.0f} GB/s)")
 print(sweep.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
 
 fig = go.Figure()
@@ -365,14 +370,16 @@ fig.update_layout(title=f"Decode throughput vs batch, {twin_arch} shape twin", h
 fig.show()
 
 # %% [markdown]
-# The measured line climbs almost in step with the memory bound: 256 sequences decode about 165×
-# as many tokens per second as one, because the extra sequences ride on the same weight reads
-# (the share of the bound falls slowly, from ~60% to ~46%, as the matmuls with more rows and the
-# per-sequence attention take longer). At this short context the roofline stays on its memory
-# slope through B = 256: the turn to compute-bound comes where decode's intensity (≈ B FLOP/byte
-# in bf16) reaches the ridge point of notebook 00, ~250 FLOP/byte on an H100, i.e. just beyond
-# this sweep; with longer contexts the per-sequence KV reads push it further out still.
-# Serving systems (notebook 06) live in that region.
+# The measured line climbs almost in step with the memory bound up to B = 256: 256 sequences decode
+# ~160× as many tokens per second as one, because they ride on the same weight reads (the share of
+# the bound falls slowly, ~61% → ~46%, as matmuls with more rows and the per-sequence attention
+# take longer). Decode's arithmetic intensity is ≈ B FLOP/byte in bf16, so the roofline turns
+# where B reaches the ridge point, ~240 FLOP/byte on this H100 (printed above): from B = 512 the
+# bound is the tensor cores, and the measured line bends with it: doubling the batch from 256 to
+# 512 buys 1.3×, from 512 to 1024 only 1.1×, at ~390-430 TFLOP/s (55-60% of the measured matmul
+# peak: skinny matmuls of 512-1024 rows, plus attention and norms that do not use the tensor cores).
+# Longer contexts push the turn further out (more KV bytes per sequence). Serving systems
+# (notebook 06) live in that region.
 #
 # ## 7. The engine on real weights reproduces HF's text
 #
@@ -413,7 +420,7 @@ metrics = {
     "bs1_tok_s_by_method": speeds, "copy_gbps": copy_gbps, "shape_twin": twin_arch,
     "kv_bytes_predicted": kv_bytes_predicted, "kv_bytes_measured": kv_bytes_measured,
     "kv_config": {"arch": kv_arch, "positions": kv_ctx, "dtype": str(kv_dtype)[6:]},
-    "batch_sweep": sweep.to_dict(orient="records"),
+    "batch_sweep": sweep.to_dict(orient="records"), "step_ms_vs_context": costs.to_dict(orient="records"),
     "cache_logits_rel_err": cache_rel_err, "engine_text_matches_hf": same_text,
 }
 print(save_results("02_kv_cache", metrics, dtype=twin_dtype, note="tok/s measured on a random-weight shape twin"))
