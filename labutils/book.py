@@ -34,6 +34,12 @@ HEADLINES = {
                     ("engine_vs_roofline", "engine / (copy BW / model bytes)", "{:.1%}"),
                     ("engine_vs_roofline_bytes_read", "engine / (copy BW / bytes read)", "{:.1%}"),
                     ("kv_bytes_measured", "KV cache bytes measured / predicted", None)],
+    "03_flash_attention": [("fwd_vs_cudnn_min", "Triton fwd / cuDNN, d128 fp16 N>=4096 non-causal (worst)", "{:.2f}"),
+                           ("fwd_vs_flash_min", "Triton fwd / SDPA flash, d128 fp16 N>=4096 non-causal (worst)", "{:.2f}"),
+                           ("decode_gbps", "decode attention (GB/s of K+V)", "{:,.0f}")],
+    "04_quantization": [("layer_us", "3584->18944 layer at batch 1 (us)", None),
+                        ("engine_tok_s", "engine batch 1 (tok/s, shape twin)", None),
+                        ("ppl", "perplexity, embedded model", None)],
 }
 
 

@@ -45,7 +45,7 @@ from labutils.data import load_text
 from labutils.decoder import Decoder
 from labutils.engine import DecodeEngine
 from labutils.gemv import GemvLinear
-from labutils.hardware import copy_bandwidth_gbps
+from labutils.hardware import copy_bandwidth_gbps, matmul_peak_tflops
 from labutils.models import load_model, shape_twin
 from labutils.notebook import setup, show_source, slider
 from labutils.perplexity import perplexity
@@ -276,7 +276,7 @@ print(e2e.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
 points = pd.DataFrame({"label": e2e.format, "group": "decode, batch 1",
                        "intensity": [2 * roofline.linear_params(tcfg) / (b * 1e9) for b in e2e["GB read/token"]],
                        "tflops": [2 * roofline.linear_params(tcfg) * t / 1e12 for t in e2e["tok/s"]]})
-peak = 989.0 if has_cuda() else 1.0
+peak = matmul_peak_tflops(DT)[0]  # measured, as in notebook 00
 roofline.chart(peak, copy_gbps, points, title=f"Formats on the roofline ({arch} shape twin, achieved)").show()
 
 # %% [markdown]
