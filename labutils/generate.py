@@ -74,6 +74,7 @@ def decode_step_ms(model, n: int, cached: bool = False, rep_ms: float = 100) -> 
     device = next(model.parameters()).device
     x = torch.randint(0, model.cfg.vocab_size, (1, n), device=device)
     if not cached:
+        model.set_kv_caches(None)  # a DecodeEngine leaves its caches attached
         return bench.time_fn(lambda: model(x, last_only=True), rep_ms=rep_ms).median_ms
     model.set_kv_caches(kv_cache.static_caches(model, 1, n))
     try:

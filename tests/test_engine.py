@@ -257,6 +257,7 @@ def test_hf_decode_tok_s_fresh_static_cache_per_call():
 def test_decode_step_ms(tiny):
     from labutils.generate import decode_step_ms
 
+    DecodeEngine(tiny, batch=2, max_seq_len=16).prefill(torch.zeros(2, 3, dtype=torch.long))  # leaves caches
     for cached in (False, True):
         for n in (1, 7):
             ms = decode_step_ms(tiny, n, cached=cached, rep_ms=5)
