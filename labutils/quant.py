@@ -25,12 +25,16 @@ even. Scales are rounded *up* to their storage dtype, so |W / s| never leaves th
 the error bounds are exact: |W - deq| <= s / 2 elementwise for INT8 and INT4.
 
 Kernels (Triton, one program per BLOCK_N output rows, streaming the packed weights along K in
-BLOCK_K chunks, fp32 accumulation): ``W8A16`` and ``W4A16`` (INT4 and NF4 by a constexpr switch;
-NF4 looks its codes up in the 16-entry table). One activation row: an elementwise multiply-add into
-a (BLOCK_N, BLOCK_K) tile, reduced once at the end (as labutils.gemv). 2 to 16 rows: all rows sit in
-one (16, BLOCK_K) tile that meets the dequantized weight tile in ``tl.dot``, so each program still
-reads its weights once. A 4-bit chunk never straddles a group (G % BLOCK_K == 0), so it needs one
-scale (and zero) per row. Custom ops ``labutils::w8a16_linear`` / ``labutils::w4a16_linear`` wrap
+BLOCK_K chunks, fp32 accumulation), INT4 and NF4 sharing one kernel by a constexpr switch (NF4 looks
+its codes up in the 16-entry table):
+
+- one activation row (decode), ``_w8_gemv_kernel`` / ``_w4_gemv_kernel``: the codes read as int32
+  words and unpacked with shifts, converted to floats by the magic-number trick instead of the slow
+  integer-to-float unit, 4-bit chunks spanning whole groups with one scale multiply per group
+  (see the comment above them); K % 4 == 0 (INT8) or K % 8 == 0 (4-bit);
+- 2 to 16 rows (and single rows of other K), ``_w8a16_kernel`` / ``_w4a16_kernel``: all rows sit in
+  one (16, BLOCK_K) tile that meets the dequantized weight tile in ``tl.dot``, so each program still
+  reads its weights once; a 4-bit chunk never straddles a group (G % BLOCK_K == 0). Custom ops ``labutils::w8a16_linear`` / ``labutils::w4a16_linear`` wrap
 them for torch.compile and CUDA graphs; more than 16 rows (prefill) dequantize and call F.linear.
 
 Activation-aware scaling (AWQ-style, simplified): a few input channels carry large activations, and
@@ -216,10 +220,11 @@ def quant_error(W: torch.Tensor, q: _QWeight) -> float:
 def _configs():
     if runtime.triton_interpreted():  # one configuration: chunks smaller than a group, partial tiles
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
-    # 18 tilings (12 for 4-bit at group 128 after pruning): each is a compile of ~1 s on the GPU
-    # machine per (shape, row count), so a wider grid would cost minutes per layer shape.
+    # 2-16 rows (single rows go to the GEMV kernels below, unless K does not split into words).
+    # Each tiling is a compile of ~1 s on the GPU machine per dtype and constexpr combination, so the
+    # list stays short; BLOCK_N >= 16 for tl.dot.
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st)
-            for bn in (8, 16, 32) for bk in (64, 128, 256) for st in (2, 3)]
+            for bn, bk, st in [(16, 64, 3), (16, 128, 3), (32, 64, 2), (32, 128, 3)]]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -331,19 +336,128 @@ def _w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M,
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+# ---- one activation row (decode): GEMV kernels on 32-bit words -------------------------------------------
+# At batch 1 a layer is a pass over its packed weights, and that pass must run at memory speed. Two
+# things stand in the way besides tile sizes (chunks of 512-2048 codes per row keep enough bytes in
+# flight): the conversion of each code to a float, and the per-element bookkeeping of 4-bit groups.
+#
+# - Integer-to-float conversion (I2F) runs at a fraction of the FP32 rate on Hopper, and a 7B layer
+#   converts tens of millions of codes. The *magic-number* trick avoids it: OR-ing a code c < 2^23
+#   into the mantissa of 2^23 (bits 0x4B000000) gives the float 2^23 + c exactly, and one FP32
+#   subtraction leaves c. For signed INT8, (byte XOR 0x80) is c + 128, so subtract 2^23 + 128.
+# - The codes are read as int32 words (4 INT8 codes, 8 INT4 codes) and taken apart with shifts and
+#   masks, one static step per code position; each step meets the matching strided slice of x
+#   (L1-resident). A 4-bit chunk spans whole groups: the INT4 zero point is folded into the
+#   subtraction constant (2^23 + z), and the group's scale multiplies the group's partial dot product
+#   once, after the sum over its codes, instead of every element.
+def _gemv_configs(word_codes: int):
+    if runtime.triton_interpreted():  # small: the interpreter is exact but slow
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": bk}, num_warps=1) for bk in (64, 256, 512)]
+    # Untimed guesses (2026-11-23): 2-8 KiB of codes per row block and chunk, as the bf16 GEMV of
+    # labutils.gemv needed to stream at ~2.5-3 TB/s; to be narrowed by a sweep on the GPU.
+    if word_codes == 4:  # INT8
+        tiles = [(4, 1024, 4), (4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (16, 512, 4), (16, 1024, 8)]
+    else:  # 4-bit; BLOCK_K a multiple of the group
+        tiles = [(4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in tiles]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """A 4-bit chunk holds whole groups (BLOCK_K % GROUP == 0); the interpreter runs the smallest fit."""
+    group = {**named_args, **kwargs}.get("GROUP", 1)
+    keep = [c for c in configs if c.kwargs["BLOCK_K"] % group == 0]
+    if not keep:  # a group larger than every chunk: one chunk per group
+        keep = [triton.Config({**configs[0].kwargs, "BLOCK_K": group}, num_warps=configs[0].num_warps)]
+    return keep[:1] if runtime.triton_interpreted() else keep
+
+
+@triton.autotune(configs=_gemv_configs(4), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv})
+@triton.jit
+def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y (N,) = (q * s[:, None]) x + b for one row x (K,); q (N, K) int8 read as int32 words (K % 4 == 0)."""
+    KW = K // 4
+    BW: tl.constexpr = BLOCK_K // 4  # words per row and chunk
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+    n_ok = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW  # (BLOCK_N, 1)
+    acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 // 4 + tl.arange(0, BW)  # (BW,) word index along the row
+        c_ok = c < KW
+        words = tl.load(w_rows + c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0)  # (BLOCK_N, BW) int32
+        for i in tl.static_range(4):  # code i of each word is element 4c + i
+            u = (words >> (8 * i)) & 0xFF  # the code's byte: c + 256 if c < 0
+            w = ((u ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # (2^23 + c + 128) - (2^23 + 128)
+            x = tl.load(x_ptr + 4 * c + i, mask=c_ok, other=0.0).to(tl.float32)  # (BW,)
+            acc += w * x[None, :]
+    y = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.autotune(configs=_gemv_configs(8), key=["N", "K", "GROUP", "NF4"],
+                 prune_configs_by={"early_config_prune": _prune_gemv})
+@triton.jit
+def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, N, K, NG,
+                    NF4: tl.constexpr, GROUP: tl.constexpr, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y (N,) = deq(codes) (x * xs) + b for one row x (K,); the packed codes read as int32 words of 8
+    (K % 8 == 0): INT4 (q - z) * s per group, or NF4 code[q] * absmax per block."""
+    KW = K // 8
+    GW: tl.constexpr = GROUP // 8  # words per group
+    NGB: tl.constexpr = BLOCK_K // GROUP  # groups per chunk
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None, None] * KW  # (BLOCK_N, 1, 1)
+    acc = tl.zeros((BLOCK_N, NGB), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        g = k0 // GROUP + tl.arange(0, NGB)  # (NGB,) the groups of this chunk
+        c = g[:, None] * GW + tl.arange(0, GW)[None, :]  # (NGB, GW) word index along the row
+        c_ok = c < KW  # a last group may be short
+        words = tl.load(w_rows + c[None, :, :], mask=n_ok[:, None, None] & c_ok[None, :, :], other=0)
+        sz = rn[:, None] * NG + g[None, :]  # (BLOCK_N, NGB) this row's scale (and zero) of each group
+        sz_ok = n_ok[:, None] & (g < NG)[None, :]
+        s = tl.load(s_ptr + sz, mask=sz_ok, other=0.0).to(tl.float32)
+        if not NF4:  # 2^23 + z: the magic constant and the zero point in one subtraction
+            off = 8388608.0 + tl.load(z_ptr + sz, mask=sz_ok, other=0).to(tl.float32)
+        part = tl.zeros((BLOCK_N, NGB, GW), dtype=tl.float32)
+        for i in tl.static_range(8):  # code i of each word is element 8c + i (low nibble first)
+            u = (words >> (4 * i)) & 0xF
+            if NF4:
+                w = tl.load(code_ptr + u)  # the 16-entry table, L1-resident
+            else:
+                w = (u | 0x4B000000).to(tl.float32, bitcast=True) - off[:, :, None]  # q - z, exactly
+            x = tl.load(x_ptr + 8 * c + i, mask=c_ok, other=0.0).to(tl.float32)  # (NGB, GW)
+            if HAS_XS:  # AWQ: x / s per input channel
+                x *= tl.load(xs_ptr + 8 * c + i, mask=c_ok, other=0.0).to(tl.float32)
+            part += w * x[None, :, :]
+        acc += tl.sum(part, axis=2) * s  # one scale multiply per group
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
 def _launch(kernel, x, N, args, bias, **meta):
-    """Run ``kernel`` on x (..., K) with 1..16 rows -> (..., N) in x's dtype."""
+    """Run ``kernel`` on x (..., K) with 1..16 rows -> (..., N) in x's dtype. The GEMV kernels take
+    one row and no row count; the tile kernels take M and their tile height."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
     M = x2.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](x2, *args, bias if bias is not None else y, y, M, N, K, **meta, HAS_BIAS=bias is not None,
-                 BLOCK_M=1 if M == 1 else MAX_ROWS, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
+    b = bias if bias is not None else y
+    if kernel in (_w8_gemv_kernel, _w4_gemv_kernel):
+        kernel[grid](x2, *args, b, y, N, K, **meta, HAS_BIAS=bias is not None)
+    else:
+        kernel[grid](x2, *args, b, y, M, N, K, **meta, HAS_BIAS=bias is not None,
+                     BLOCK_M=1 if M == 1 else MAX_ROWS, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -360,7 +474,10 @@ def w8a16_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: to
         raise ValueError(f"x has {x.shape[-1]} features, the weight {q.shape[1]}")
     if not 1 <= _rows(x) <= MAX_ROWS:
         return _fallback(x, Int8Weight(q, scale).dequantize(), None, bias)
-    return _launch(_w8a16_kernel, x, q.shape[0], (q.contiguous(), scale.contiguous()), bias)
+    q = q.contiguous()
+    if _rows(x) == 1 and q.shape[1] % 4 == 0:  # decode: the word-wise GEMV
+        return _launch(_w8_gemv_kernel, x, q.shape[0], (q.view(torch.int32), scale.contiguous()), bias)
+    return _launch(_w8a16_kernel, x, q.shape[0], (q, scale.contiguous()), bias)
 
 
 @w8a16_linear.register_fake
@@ -382,10 +499,13 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
         W = (NF4Weight(packed, scale, group_size) if nf4 else Int4Weight(packed, scale, zero, group_size)).dequantize()
         return _fallback(x, W, in_scale, bias)
     dummy = scale
-    args = (packed.contiguous(), scale.contiguous(), dummy if nf4 else zero.contiguous(),
-            code.float().contiguous() if nf4 else dummy, dummy if in_scale is None else in_scale.contiguous())
-    return _launch(_w4a16_kernel, x, N, args, bias, NG=scale.shape[1], NF4=nf4, GROUP=group_size,
-                   HAS_XS=in_scale is not None)
+    packed = packed.contiguous()
+    rest = (scale.contiguous(), dummy if nf4 else zero.contiguous(), code.float().contiguous() if nf4 else dummy,
+            dummy if in_scale is None else in_scale.contiguous())
+    meta = dict(NG=scale.shape[1], NF4=nf4, GROUP=group_size, HAS_XS=in_scale is not None)
+    if _rows(x) == 1 and K % 8 == 0 and group_size % 8 == 0:  # decode: the word-wise GEMV
+        return _launch(_w4_gemv_kernel, x, N, (packed.view(torch.int32), *rest), bias, **meta)
+    return _launch(_w4a16_kernel, x, N, (packed, *rest), bias, **meta)
 
 
 @w4a16_linear.register_fake

@@ -326,3 +326,36 @@ def test_awq_scales_on_tiny_decoder():
     awq = _logits(Q.quantize_model(Decoder.from_hf(hf), "int4", awq=scales, simulate=True, **kw), calib)
     e_rtn, e_awq = norm_rel_err(rtn, ref), norm_rel_err(awq, ref)
     assert e_awq < 0.85 * e_rtn, f"AWQ logits error {e_awq:.3f} vs round-to-nearest {e_rtn:.3f}"
+
+
+@pytest.mark.parametrize("fmt,K,gemv", [("int8", 256, True), ("int8", 129, False), ("int4", 200, True),
+                                        ("nf4", 200, True), ("int4", 196, False)])
+def test_one_row_takes_the_word_gemv_when_k_allows(fmt, K, gemv, monkeypatch):
+    """One activation row runs the int32-word GEMV kernel (K % 4 == 0 for INT8, K % 8 == 0 for 4-bit);
+    other K take the tile kernel; both match the dequantized reference."""
+    used = []
+    inner = Q._launch
+    monkeypatch.setattr(Q, "_launch", lambda kernel, *a, **kw: used.append(kernel) or inner(kernel, *a, **kw))
+    lin = _linear(23, K, seed=K)
+    kw = {"int8": {}, "int4": {"group_size": 64}, "nf4": {"block_size": 32}}[fmt]
+    mod = Q.FORMATS[fmt].from_linear(lin, **kw)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = mod(x)
+    expected = (Q._w8_gemv_kernel if fmt == "int8" else Q._w4_gemv_kernel) if gemv else \
+        (Q._w8a16_kernel if fmt == "int8" else Q._w4a16_kernel)
+    assert used == [expected], f"{fmt}, K={K}: launched {used}"
+    ref = F.linear(x.double(), mod.dequantize(torch.float64), lin.bias.double())
+    assert norm_rel_err(y, ref) <= KERNEL_TOL[torch.float32]
+
+
+def test_magic_number_conversions_are_exact():
+    """The bit tricks of the GEMV kernels, in torch: every INT8 code and every nibble, exactly."""
+    c8 = torch.arange(-127, 128, dtype=torch.int32)
+    u = c8 & 0xFF
+    f8 = ((u ^ 0x80) | 0x4B000000).view(torch.float32) - 8388736.0
+    assert torch.equal(f8, c8.float())
+    nib = torch.arange(16, dtype=torch.int32)
+    for z in (0, 7, 15):
+        f4 = (nib | 0x4B000000).view(torch.float32) - (8388608.0 + z)
+        assert torch.equal(f4, (nib - z).float())
