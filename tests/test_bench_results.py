@@ -38,6 +38,23 @@ def test_time_fn_measures_time():
     assert t.p20_ms <= t.median_ms <= t.p80_ms, str(t)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_time_fn_cuda_graph_matches_bandwidth():
+    """A 1 GiB copy timed from a CUDA graph (flush subtracted) agrees with do_bench within 20%."""
+    x = torch.empty(2**29, dtype=torch.float16, device="cuda")
+    y = torch.empty_like(x)
+    graph = bench.time_fn(lambda: y.copy_(x), rep_ms=50, cuda_graph=True)
+    plain = bench.time_fn(lambda: y.copy_(x), rep_ms=50)
+    assert 0.8 <= graph.median_ms / plain.median_ms <= 1.2, f"graph {graph} vs launches {plain}"
+
+
+def test_time_fn_cuda_graph_is_ignored_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    t = bench.time_fn(lambda: time.sleep(0.002), warmup_ms=2, rep_ms=10, cuda_graph=True)
+    assert 1.9 <= t.median_ms <= 50, str(t)
+
+
 def test_sweep():
     grid = {"n": [1, 2, 3], "mode": ["a", "b"]}
     seen = []
