@@ -11,6 +11,10 @@ overhead in stages:
   to the static cache, which is what makes capture possible);
 - ``mode="compile"``: the step compiled by ``torch.compile`` (Inductor fuses norms, RoPE and
   SwiGLU into fewer kernels and writes its own matrix-vector kernels), then captured the same way.
+  ``regional=True`` compiles one decoder layer instead of the whole step (``compile_layers``): the
+  layers share one compiled graph, so compiling a 28-layer model costs about as much as one layer,
+  at the price of no fusion across layer boundaries (the glue around the layers stays eager, inside
+  the same CUDA graph).
 
 Inside the captured step the sampled token is written back into the input buffer and the position
 advanced, so the loop is ``replay(); record token`` per step.
@@ -35,10 +39,24 @@ def configure_inductor():
     ic.fx_graph_cache = True
 
 
+def compile_layers(model, **compile_kw):
+    """Regional compilation: ``torch.compile`` each decoder layer *in place* (``nn.Module.compile``).
+    Identical layers reuse one compiled graph per input shape, so compile time no longer grows with
+    depth. Every later call of these layers runs compiled code; ``torch.compiler.set_stance
+    ("force_eager")`` runs them eagerly (as DecodeEngine's prefill does, to avoid one compile per
+    prompt length)."""
+    for layer in model.layers:
+        layer.compile(**{"fullgraph": True, "dynamic": False, **compile_kw})
+    return model
+
+
 class DecodeEngine:
-    def __init__(self, model, batch: int = 1, max_seq_len: int = 1024, mode: str = "eager"):
+    def __init__(self, model, batch: int = 1, max_seq_len: int = 1024, mode: str = "eager",
+                 regional: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if regional and mode != "compile":
+            raise ValueError("regional=True is a way of compiling: it needs mode='compile'")
         if mode != "eager" and model.device.type != "cuda":
             raise RuntimeError(f"mode={mode!r} captures CUDA graphs and needs a GPU; use mode='eager' on the CPU")
         self.model, self.batch, self.mode = model, batch, mode
@@ -49,9 +67,13 @@ class DecodeEngine:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # its position
         self.graph = None
         step = self._step
+        self.regional = regional
         if mode == "compile":
             configure_inductor()
-            step = torch.compile(self._step, fullgraph=True, dynamic=False)
+            if regional:
+                compile_layers(model)
+            else:
+                step = torch.compile(self._step, fullgraph=True, dynamic=False)
         self.step_fn = step
 
     def _step(self, tok, pos):
@@ -91,7 +113,11 @@ class DecodeEngine:
         self._attach()
         for c in self.caches:
             c.reset()
-        logits = self.model(idx, torch.arange(T, device=idx.device), last_only=True)
+        if self.regional:  # compiled layers: the prompt runs eagerly (no compile per prompt length)
+            with torch.compiler.set_stance("force_eager"):
+                logits = self.model(idx, torch.arange(T, device=idx.device), last_only=True)
+        else:
+            logits = self.model(idx, torch.arange(T, device=idx.device), last_only=True)
         self.tok.copy_(logits[:, -1].argmax(dim=-1, keepdim=True))
         self.pos.fill_(T)
         return self.tok.clone()

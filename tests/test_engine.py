@@ -266,3 +266,36 @@ def test_decode_step_ms(tiny):
     for bad in (0, tiny.cfg.max_seq_len + 1):
         with pytest.raises(ValueError, match="context"):
             decode_step_ms(tiny, bad)
+
+
+def test_compile_layers_reuses_one_graph_per_shape():
+    """Regional compilation on the CPU (Inductor's C++ backend): same logits as eager, and the layers
+    share their compiled graphs (one per input shape, not one per layer); force_eager bypasses them."""
+    from torch._dynamo.utils import counters
+
+    from labutils.engine import compile_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    hf_tiny = tiny_hf_model("qwen2-gqa-tied", seed=0)
+    ref, model = Decoder.from_hf(hf_tiny), compile_layers(Decoder.from_hf(hf_tiny))
+    assert len(model.layers) >= 2
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for m in (ref, model):
+            m.set_kv_caches(static_caches(m, 1, 16))
+        assert_rel_close(model(ids[:, :5], torch.arange(5)), ref(ids[:, :5], torch.arange(5)), 1e-5, "prefill")
+        for t in (5, 6):
+            pos = torch.tensor([t])
+            assert_rel_close(model(ids[:, 5:6], pos), ref(ids[:, 5:6], pos), 1e-5, f"decode at {t}")
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == 2, f"{graphs} compiled graphs for {len(model.layers)} layers and 2 shapes"
+        with torch.compiler.set_stance("force_eager"):
+            model(ids[:, :3], torch.arange(3))
+        assert counters["stats"]["unique_graphs"] == 2, "force_eager still compiled a new shape"
+    torch._dynamo.reset()
+
+
+def test_regional_needs_compile_mode(tiny):
+    with pytest.raises(ValueError, match="regional"):
+        DecodeEngine(tiny, batch=1, max_seq_len=8, mode="eager", regional=True)
