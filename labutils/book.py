@@ -50,19 +50,25 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     return paths
 
 
-def execute(path: Path, timeout: int) -> tuple[bool, Path, float]:
+def execute(path: Path, timeout: int, deadline: float | None = None) -> tuple[bool, Path, float]:
+    """Run one notebook; ``deadline`` (time.time() value): stop the cell running when it passes, so a
+    run on a machine with a hard time limit still writes what it computed (to build/notebooks/)."""
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError
+
+    def cell_timeout(cell):
+        left = timeout if deadline is None else min(timeout, deadline - time.time())
+        return max(int(left), 1)
 
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+    client = NotebookClient(nb, timeout=timeout, timeout_func=cell_timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
     t0 = time.perf_counter()
     ok = True
     try:
         client.execute()
-    except CellExecutionError as e:
+    except (CellExecutionError, CellTimeoutError) as e:
         ok = False
         print(str(e)[-3000:], file=sys.stderr)
     seconds = time.perf_counter() - t0
@@ -100,6 +106,9 @@ def main(argv=None):
     ap.add_argument("command", choices=["run", "headlines"])
     ap.add_argument("--only", default="", help="comma-separated notebook prefixes, e.g. 00,01")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    ap.add_argument("--deadline", type=int, default=0,
+                    help="seconds for the whole run (0: none); a cell still running then is stopped and the "
+                         "partial notebook written to build/notebooks/")
     args = ap.parse_args(argv)
     only = [o for o in args.only.split(",") if o]
     paths = notebooks(only)
@@ -107,11 +116,12 @@ def main(argv=None):
         sys.exit(f"no notebooks match {only!r} in {NOTEBOOKS}")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     failed = []
+    deadline = time.time() + args.deadline if args.deadline else None
     if args.command == "run":
         print(runtime.describe())
         for path in paths:
             print(f"running {path.name} ...", flush=True)
-            ok, out, seconds = execute(path, args.timeout)
+            ok, out, seconds = execute(path, args.timeout, deadline)
             print(f"  {'ok' if ok else 'FAILED'} in {seconds:.0f} s -> {out.relative_to(REPO)}", flush=True)
             if not ok:
                 failed.append(path.name)
