@@ -38,6 +38,7 @@ import pandas as pd
 import plotly.express as px
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from labutils import configs, quant, roofline
 from labutils.bench import time_fn
@@ -55,6 +56,7 @@ from labutils.runtime import has_cuda, pick
 device = setup()
 DT = pick(torch.bfloat16, torch.float32)  # bf16 is wrong in Triton's interpreter
 FORMATS = ["int8", "int4", "nf4"]
+UNQ = {torch.bfloat16: "bf16", torch.float32: "fp32"}[DT]  # the unquantized format's name
 QUANTIZE = {"int8": quant.quantize_int8, "int4": quant.quantize_int4, "nf4": quant.quantize_nf4}
 
 # %% [markdown]
@@ -82,6 +84,9 @@ print(err.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
 
 # %%
 def group_tradeoff(group_size: int = 128):
+    if group_size & (group_size - 1):
+        print(f"group {group_size}: group sizes are powers of two here (the kernels split words by them)")
+        return
     q = quant.quantize_int4(rand_W, group_size=group_size)
     print(f"int4, group {group_size}: {q.nbytes / rand_W.numel():.4f} bytes/weight, "
           f"rel error {quant.quant_error(rand_W, q):.4f}")
@@ -94,10 +99,19 @@ slider(group_tradeoff, group_size=(32, 512, 32, 128))
 # %% [markdown]
 # ## 2. Kernels that dequantize inside the product
 #
-# Each program streams BLOCK_N rows of packed weights along K, unpacks two 4-bit codes per byte,
-# applies scale and zero (or looks the NF4 level up in a 16-entry table) in registers and
-# accumulates in fp32. With 2-16 activation rows, all rows share one `tl.dot` per weight tile, so
-# the weights are still read once.
+# Each program streams BLOCK_N rows of packed weights along K and dequantizes them in registers,
+# accumulating in fp32. Decode (one activation row) has its own kernels, built for bandwidth: the
+# codes are read as 32-bit words and taken apart with shifts, turned into floats with the
+# *magic-number* trick (OR a small integer into the mantissa of 2^23, subtract 2^23: exact, and it
+# avoids the integer-to-float unit, which runs at a fraction of the FP32 rate), and each 4-bit
+# group's scale multiplies the group's partial sum once rather than every weight.
+
+# %%
+show_source(quant._w4_gemv_kernel)
+
+# %% [markdown]
+# With 2-16 activation rows, all rows share one `tl.dot` per dequantized weight tile, so the
+# weights are still read once:
 
 # %%
 show_source(quant._w4a16_kernel)
@@ -108,14 +122,14 @@ Nk, Kk = pick((4096, 3584), (96, 256))
 Wk = torch.randn(Nk, Kk, device=device) * 0.02
 for fmt in FORMATS:
     for dtype in pick([torch.float16, torch.bfloat16], [torch.float32, torch.float16]):
-        lin = torch.nn.Linear(Kk, Nk, bias=True, device=device, dtype=dtype)
+        lin = torch.nn.Linear(Kk, Nk, bias=False, device=device, dtype=dtype)  # bias: tests/test_quant.py
         with torch.no_grad():
             lin.weight.copy_(Wk)
         qlin = quant.FORMATS[fmt].from_linear(lin)
         W_deq = qlin.dequantize(torch.float32)  # what the kernel should multiply by
-        for M in (1, 4, 16):
+        for M in (1, 16):  # the GEMV kernel, and the tile kernel at its full height
             x = torch.randn(M, Kk, device=device, dtype=dtype)
-            ref = F.linear(x.float(), W_deq, lin.bias.float())
+            ref = F.linear(x.float(), W_deq)
             e = ((qlin(x).float() - ref).norm() / ref.norm()).item()
             checks.append({"format": fmt, "rows": M, "dtype": str(dtype)[6:], "rel err": e,
                            "tol": 1e-5 if dtype == torch.float32 else 1e-2})
@@ -132,6 +146,12 @@ print(f"every kernel within its dtype's tolerance of the dequantized reference: 
 # **Prediction.** A layer at batch 1 takes (bytes stored) / bandwidth: int8 ≈ 0.5× and int4 ≈
 # 0.26× of bf16's time if the kernels stream as well as a copy. Beside them: cuBLAS in bf16 and
 # fp16, and bitsandbytes' int8 and nf4 layers (when the package is installed).
+#
+# **How we time.** Each layer is replayed from a CUDA graph with an L2 flush before every call
+# (`time_fn(..., cuda_graph=True)`), the way a captured decode step runs it: a few-microsecond kernel
+# behind a Python custom op and an autotuner would otherwise be timed as its launch overhead, and a
+# weight smaller than the 50 MB L2 would be read from cache instead of memory. Layers that cannot be
+# captured are timed launch by launch (column "timed as").
 
 # %%
 copy_gbps = copy_bandwidth_gbps()["gbps"]
@@ -145,15 +165,14 @@ print(f"copy bandwidth {copy_gbps:,.0f} GB/s; bitsandbytes: {bnb.__version__ if 
 
 def bnb_linear(lin: torch.nn.Linear, fmt: str):
     """A bitsandbytes layer holding ``lin``'s weights (quantized when moved to the GPU)."""
-    W = lin.weight.detach().to("cpu", torch.float16)
-    if fmt == "int8":
+    if fmt == "int8":  # Int8Params quantizes on its way from the CPU to the GPU
         m = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                 has_fp16_weights=False, threshold=0.0)
-        m.weight = bnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False)
-    else:
+        m.weight = bnb.nn.Int8Params(lin.weight.detach().half().cpu(), requires_grad=False, has_fp16_weights=False)
+    else:  # Params4bit quantizes a GPU tensor in place on .to(device): no round trip through the host
         m = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                               compute_dtype=lin.weight.dtype, quant_type="nf4")
-        m.weight = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4")
+        m.weight = bnb.nn.Params4bit(lin.weight.detach().half(), requires_grad=False, quant_type="nf4")
     if lin.bias is not None:
         m.bias = torch.nn.Parameter(lin.bias.detach().to("cpu"), requires_grad=False)
     return m.to(lin.weight.device)
@@ -193,9 +212,14 @@ def layer_times(M: int = 1, shapes=SHAPES) -> pd.DataFrame:
                     print(f"bitsandbytes {fmt} failed: {type(e).__name__}: {str(e)[:120]}")
         for name, (fn, nbytes) in variants.items():
             fn()  # compile / autotune outside the timing
-            us = time_fn(fn, rep_ms=pick(100, 20)).median_ms * 1e3
+            timing = "graph"
+            try:  # GPU time as a captured decode step sees it: no Python or launch overhead
+                us = time_fn(fn, rep_ms=pick(100, 20), cuda_graph=True).median_ms * 1e3
+            except Exception:  # noqa: BLE001  (a layer that cannot be captured: time its launches)
+                timing = "launch"
+                us = time_fn(fn, rep_ms=pick(100, 20)).median_ms * 1e3
             rows.append({"layer": shape, "rows": M, "kernel": name, "us": us, "GB/s": nbytes / us / 1e3,
-                         "% of copy": nbytes / us / 1e3 / copy_gbps})
+                         "% of copy": nbytes / us / 1e3 / copy_gbps, "timed as": timing if has_cuda() else "cpu"})
     return pd.DataFrame(rows)
 
 
@@ -221,7 +245,11 @@ slider(batch_sweep, max_rows=(2, 16, 1, 16))
 #
 # The engine of notebook 02 (fused projections, static cache, torch.compile + CUDA graph) with its
 # linear layers swapped through the seam. Each format's roofline is the copy bandwidth over the
-# bytes it actually reads per token.
+# bytes it actually reads per token. To keep the notebook's run within minutes, the engines here
+# compile one decoder layer and reuse it for all 28 (`regional=True`, see `labutils/engine.py`)
+# instead of compiling the whole step for every format; bf16 runs the same way, so the comparison
+# is like for like. bitsandbytes layers are captured in a CUDA graph where they allow it (no
+# compile), else run eagerly.
 
 # %%
 arch = pick("Qwen2.5-7B", "SmolLM2-135M")
@@ -229,12 +257,12 @@ twin = shape_twin(arch, dtype=DT)  # random weights: speed only
 tcfg = configs.arch(arch)
 ids = torch.randint(0, tcfg["vocab_size"], (1, 32), device=device)
 n_decode = pick(128, 4)
-e2e_formats = pick(["bf16", "int8", "int4", "nf4"] + (["bnb_int8", "bnb_nf4"] if HAS_BNB else []), ["bf16", "int8"])
+e2e_formats = [UNQ] + pick(["int8", "int4", "nf4"] + (["bnb_int8", "bnb_nf4"] if HAS_BNB else []), ["int8"])
 
 
 def build(fmt: str) -> Decoder:
     m = Decoder.from_hf(twin).fuse_projections()
-    if fmt == "bf16":
+    if fmt == UNQ:
         return m.swap_linears(lambda n, l: GemvLinear(l)) if has_cuda() else m
     if fmt.startswith("bnb_"):
         return m.swap_linears(lambda n, l: bnb_linear(l, fmt[4:]))
@@ -244,7 +272,7 @@ def build(fmt: str) -> Decoder:
 
 
 e2e = []
-for fmt in e2e_formats:
+for fmt in tqdm(e2e_formats, desc="engines"):
     model_q = build(fmt)
     linear_bytes = sum(module_bytes(m) for n, m in model_q.named_modules()
                        if n.endswith(("_proj", "lm_head")) and not list(m.children()))
@@ -252,10 +280,13 @@ for fmt in e2e_formats:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     tok_s, used = None, None
-    for mode in pick(["compile", "graph", "eager"], ["eager"]):
+    modes = ["graph", "eager"] if fmt.startswith("bnb_") else ["compile", "graph", "eager"]
+    for mode in pick(modes, ["eager"]):
         try:
-            engine = DecodeEngine(model_q, batch=1, max_seq_len=32 + n_decode + 8, mode=mode)
-            tok_s, used = engine.decode_tok_s(ids, n_decode), mode
+            engine = DecodeEngine(model_q, batch=1, max_seq_len=32 + n_decode + 8, mode=mode,
+                                  regional=mode == "compile")
+            n = n_decode if mode != "eager" or not has_cuda() else 16  # eager 7B: ~20 tok/s, keep it short
+            tok_s, used = engine.decode_tok_s(ids, n, repeats=pick(3, 1)), mode
             break
         except Exception as e:  # noqa: BLE001  (some third-party layers cannot be compiled or captured)
             print(f"{fmt}: mode {mode} failed ({type(e).__name__}: {str(e)[:100]}), trying the next")
@@ -268,7 +299,7 @@ for fmt in e2e_formats:
     del model_q
 e2e = pd.DataFrame(e2e)
 e2e["% of roofline"] = e2e["tok/s"] / e2e["roofline tok/s"]
-e2e["vs bf16"] = e2e["tok/s"] / e2e.loc[e2e.format == "bf16", "tok/s"].iloc[0]
+e2e[f"vs {UNQ}"] = e2e["tok/s"] / e2e.loc[e2e.format == UNQ, "tok/s"].iloc[0]
 print(f"[{arch} shape twin, batch 1]")
 print(e2e.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
 
@@ -292,7 +323,7 @@ max_tokens = pick(None, 1024)
 hf_q, _ = load_model(dtype=DT)
 calib = tok(load_text("calibration"), return_tensors="pt").input_ids[0, : 8 * 512].reshape(8, 512)
 ppl = {}
-ppl["bf16"] = perplexity(Decoder.from_hf(hf_q), tok, text, max_tokens=max_tokens)
+ppl[UNQ] = perplexity(Decoder.from_hf(hf_q), tok, text, max_tokens=max_tokens)
 for fmt in FORMATS:
     ppl[fmt] = perplexity(quant.quantize_model(Decoder.from_hf(hf_q), fmt), tok, text, max_tokens=max_tokens)
 awq = quant.awq_scales(Decoder.from_hf(hf_q), calib[: pick(8, 2)], "int4")
@@ -302,7 +333,7 @@ if HAS_BNB:
         ppl[f"bnb_{fmt}"] = perplexity(Decoder.from_hf(hf_q).swap_linears(lambda n, l: bnb_linear(l, fmt)), tok, text,
                                        max_tokens=max_tokens)
 quality = pd.DataFrame({"format": list(ppl), "perplexity": list(ppl.values())})
-quality["vs unquantized"] = quality.perplexity / ppl["bf16"] - 1
+quality["vs unquantized"] = quality.perplexity / ppl[UNQ] - 1
 print(f"unquantized = the embedded model in {str(DT)[6:]} (itself dequantized from Q4_1)")
 print(quality.to_string(index=False, float_format=lambda x: f"{x:,.4f}"))
 
