@@ -108,3 +108,17 @@ def test_embedded_model_perplexity(embedded):
     bad = perplexity(shuffled, tokenizer, text, window=512, max_tokens=1024, progress=False)
     assert bad > 10 * ppl, f"shuffled weights: perplexity {bad:.1f}, unshuffled {ppl:.1f}"
     assert torch.equal(hf_model.model.layers[0].mlp.down_proj.weight, probe), "the shuffle touched the shared weights"
+
+
+def test_wikitext2_unavailable_fails_clearly(monkeypatch):
+    """Without `datasets` (CI) or without the hub and a cache, one clear error, fast."""
+    import sys
+    import time
+
+    from labutils.data import DataUnavailableError, load_wikitext2
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    t0 = time.perf_counter()
+    with pytest.raises(DataUnavailableError, match="load_text\\('eval'\\)"):
+        load_wikitext2()
+    assert time.perf_counter() - t0 < 5

@@ -34,6 +34,8 @@
 # compare, not what they would cost a bf16 model.
 
 # %%
+import os
+
 import pandas as pd
 import plotly.express as px
 import torch
@@ -42,7 +44,7 @@ from tqdm.auto import tqdm
 
 from labutils import configs, quant, roofline
 from labutils.bench import time_fn
-from labutils.data import load_text
+from labutils.data import DataUnavailableError, load_text, load_wikitext2
 from labutils.decoder import Decoder
 from labutils.engine import DecodeEngine
 from labutils.gemv import GemvLinear
@@ -318,23 +320,33 @@ roofline.chart(peak, copy_gbps, points, title=f"Formats on the roofline ({arch} 
 # Remember the baseline is a dequantized Q4_1 model.
 
 # %%
-text = load_text("eval")
+# A hub model instead of the embedded one: LAB_QUALITY_MODEL=Qwen/Qwen2.5-0.5B-Instruct (needs the hub or
+# its cache); it is then scored on WikiText-2 when `datasets` can reach it, else on the same text.
+quality_model = os.environ.get("LAB_QUALITY_MODEL")
+hf_q, tok_q = load_model(quality_model, dtype=DT) if quality_model else load_model(dtype=DT)
+text, text_name = load_text("eval"), "data/ eval text (public domain, held out)"
+if quality_model:
+    try:
+        text, text_name = load_wikitext2(), "WikiText-2 test"
+    except DataUnavailableError as e:
+        print(e)
+print(f"model: {quality_model or 'embedded SmolLM2-135M-Instruct'}; text: {text_name}")
 max_tokens = pick(None, 1024)
-hf_q, _ = load_model(dtype=DT)
-calib = tok(load_text("calibration"), return_tensors="pt").input_ids[0, : 8 * 512].reshape(8, 512)
+calib = tok_q(load_text("calibration"), return_tensors="pt").input_ids[0, : 8 * 512].reshape(8, 512)
 ppl = {}
-ppl[UNQ] = perplexity(Decoder.from_hf(hf_q), tok, text, max_tokens=max_tokens)
+ppl[UNQ] = perplexity(Decoder.from_hf(hf_q), tok_q, text, max_tokens=max_tokens)
 for fmt in FORMATS:
-    ppl[fmt] = perplexity(quant.quantize_model(Decoder.from_hf(hf_q), fmt), tok, text, max_tokens=max_tokens)
+    ppl[fmt] = perplexity(quant.quantize_model(Decoder.from_hf(hf_q), fmt), tok_q, text, max_tokens=max_tokens)
 awq = quant.awq_scales(Decoder.from_hf(hf_q), calib[: pick(8, 2)], "int4")
-ppl["int4_awq"] = perplexity(quant.quantize_model(Decoder.from_hf(hf_q), "int4", awq=awq), tok, text, max_tokens=max_tokens)
+ppl["int4_awq"] = perplexity(quant.quantize_model(Decoder.from_hf(hf_q), "int4", awq=awq), tok_q, text, max_tokens=max_tokens)
 if HAS_BNB:
     for fmt in ("int8", "nf4"):
-        ppl[f"bnb_{fmt}"] = perplexity(Decoder.from_hf(hf_q).swap_linears(lambda n, l: bnb_linear(l, fmt)), tok, text,
+        ppl[f"bnb_{fmt}"] = perplexity(Decoder.from_hf(hf_q).swap_linears(lambda n, l: bnb_linear(l, fmt)), tok_q, text,
                                        max_tokens=max_tokens)
 quality = pd.DataFrame({"format": list(ppl), "perplexity": list(ppl.values())})
 quality["vs unquantized"] = quality.perplexity / ppl[UNQ] - 1
-print(f"unquantized = the embedded model in {str(DT)[6:]} (itself dequantized from Q4_1)")
+print(f"unquantized = {quality_model or 'the embedded model'} in {str(DT)[6:]}"
+      + ("" if quality_model else " (itself dequantized from Q4_1)"))
 print(quality.to_string(index=False, float_format=lambda x: f"{x:,.4f}"))
 
 # %% [markdown]
@@ -392,8 +404,9 @@ metrics = {
     "layer_us": {k.replace("lab ", "").replace("bitsandbytes ", "bnb_").replace("cuBLAS ", ""): v for k, v in headline.items()},
     "engine_tok_s": dict(zip(e2e.format, e2e["tok/s"])),
     "engine_roofline_tok_s": dict(zip(e2e.format, e2e["roofline tok/s"])),
-    "ppl": ppl, "ppl_tokens": max_tokens, "copy_gbps": copy_gbps, "shape_twin": arch,
+    "ppl": ppl, "ppl_tokens": max_tokens, "ppl_model": quality_model or "embedded SmolLM2-135M-Instruct (Q4_1)",
+    "ppl_text": text_name, "copy_gbps": copy_gbps, "shape_twin": arch,
     "per_layer": per_layer.to_dict(orient="records"),
     "beyond_weight_only": beyond.to_dict(orient="records") if len(beyond) else None,
 }
-print(save_results("04_quantization", metrics, dtype=DT, note="engine tok/s on a random-weight shape twin; ppl on the embedded model"))
+print(save_results("04_quantization", metrics, dtype=DT, note="engine tok/s on a random-weight shape twin; ppl on real weights (ppl_model)"))
