@@ -350,6 +350,14 @@ def _w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M,
 #   (L1-resident). A 4-bit chunk spans whole groups: the INT4 zero point is folded into the
 #   subtraction constant (2^23 + z), and the group's scale multiplies the group's partial dot product
 #   once, after the sum over its codes, instead of every element.
+# Each thread loads its words as 16-byte vectors only if Triton can prove that rows start 16-byte
+# aligned. It knows one fact per integer argument (divisible by 16 or not), so the word count per row
+# is passed as an argument of its own: K // 8 computed inside would be known only to be even, and the
+# INT4 loads would shrink to 8 bytes. tests/test_quant.py compiles the kernels for sm_90 on the CPU
+# and checks the PTX for those vector loads and for the absence of int-to-float conversions. Open question
+# for the GPU: the x values meet the codes as strided scalar loads (one per code, L1-resident);
+# if they limit the kernel, an interleaved packing (code i of word w = element i * GW + w of its group)
+# would make them contiguous.
 def _gemv_configs(word_codes: int):
     if runtime.triton_interpreted():  # small: the interpreter is exact but slow
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": bk}, num_warps=1) for bk in (64, 256, 512)]
@@ -373,10 +381,9 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 @triton.autotune(configs=_gemv_configs(4), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv})
 @triton.jit
-def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K,
+def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, KW,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y (N,) = (q * s[:, None]) x + b for one row x (K,); q (N, K) int8 read as int32 words (K % 4 == 0)."""
-    KW = K // 4
+    """y (N,) = (q * s[:, None]) x + b for one row x (K,); q (N, K) int8 read as KW = K / 4 int32 words."""
     BW: tl.constexpr = BLOCK_K // 4  # words per row and chunk
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
     n_ok = rn < N
@@ -400,12 +407,11 @@ def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K,
 @triton.autotune(configs=_gemv_configs(8), key=["N", "K", "GROUP", "NF4"],
                  prune_configs_by={"early_config_prune": _prune_gemv})
 @triton.jit
-def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, N, K, NG,
+def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, N, K, KW, NG,
                     NF4: tl.constexpr, GROUP: tl.constexpr, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (N,) = deq(codes) (x * xs) + b for one row x (K,); the packed codes read as int32 words of 8
-    (K % 8 == 0): INT4 (q - z) * s per group, or NF4 code[q] * absmax per block."""
-    KW = K // 8
+    (K % 8 == 0, KW = K / 8 words per row): INT4 (q - z) * s per group, or NF4 code[q] * absmax."""
     GW: tl.constexpr = GROUP // 8  # words per group
     NGB: tl.constexpr = BLOCK_K // GROUP  # groups per chunk
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -453,8 +459,8 @@ def _launch(kernel, x, N, args, bias, **meta):
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     b = bias if bias is not None else y
-    if kernel in (_w8_gemv_kernel, _w4_gemv_kernel):
-        kernel[grid](x2, *args, b, y, N, K, **meta, HAS_BIAS=bias is not None)
+    if kernel in (_w8_gemv_kernel, _w4_gemv_kernel):  # args[0]: the codes as int32 words (N, KW)
+        kernel[grid](x2, *args, b, y, N, K, args[0].shape[1], **meta, HAS_BIAS=bias is not None)
     else:
         kernel[grid](x2, *args, b, y, M, N, K, **meta, HAS_BIAS=bias is not None,
                      BLOCK_M=1 if M == 1 else MAX_ROWS, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")

@@ -359,3 +359,68 @@ def test_magic_number_conversions_are_exact():
     for z in (0, 7, 15):
         f4 = (nib | 0x4B000000).view(torch.float32) - (8388608.0 + z)
         assert torch.equal(f4, (nib - z).float())
+
+
+# ---- what the GEMV kernels compile to (sm_90 PTX, built on the CPU without a GPU) -----------------------------
+def _ptx(kernel, signature, constexprs, divisible):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os
+        os.environ["TRITON_INTERPRET"] = "0"
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        import labutils.quant as Q
+        fn = Q.{kernel}.fn
+        attrs = {{(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in {divisible!r}}}
+        src = ASTSource(fn=fn, signature={signature!r}, constexprs={constexprs!r}, attrs=attrs)
+        print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={{"num_warps": 4}}).asm["ptx"])
+    """)
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="this Triton has no CUDA backend")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, f"compiling {kernel} for sm_90 failed:\n{out.stderr[-2000:]}"
+    return out.stdout
+
+
+def _int_to_float(ptx: str) -> int:
+    return sum(ptx.count(f"cvt.rn.f32.{t}") for t in ("s8", "u8", "s16", "u16", "s32", "u32"))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gemv_ptx_has_vector_loads_and_no_int_to_float(fmt):
+    """The two claims of the GEMV design, checked in the compiled code: codes arrive in 16-byte vector
+    loads, and no code goes through an int-to-float conversion (INT4 converts one zero point per group)."""
+    if fmt == "int8":
+        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+               "N": "i32", "K": "i32", "KW": "i32", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr",
+               "BLOCK_K": "constexpr"}  # divisibility as Triton specializes K = 3584, KW = 896
+        ptx = _ptx("_w8_gemv_kernel", sig, {"HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024},
+                   ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "KW"])
+        max_cvt = 0
+    else:
+        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "code_ptr": "*fp32",
+               "xs_ptr": "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32", "KW": "i32",
+               "NG": "i32", "NF4": "constexpr", "GROUP": "constexpr", "HAS_XS": "constexpr",
+               "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+        ptx = _ptx("_w4_gemv_kernel", sig, {"NF4": False, "GROUP": 128, "HAS_XS": False, "HAS_BIAS": False,
+                                            "BLOCK_N": 8, "BLOCK_K": 512},
+                   ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "code_ptr", "xs_ptr", "b_ptr", "y_ptr", "N", "K", "KW", "NG"])
+        max_cvt = 1  # the group's zero point
+    assert "ld.global.v4.b32" in ptx, "the codes are not loaded as 16-byte vectors"
+    n_cvt = _int_to_float(ptx)
+    assert n_cvt <= max_cvt, f"{n_cvt} integer-to-float conversions in the {fmt} GEMV"
+
+
+def test_ptx_check_sees_int_to_float_in_the_tile_kernel():
+    """The detector above is not vacuous: the tile kernel's single-row branch converts each code."""
+    sig = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32",
+           "N": "i32", "K": "i32", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "DOT_PREC": "constexpr",
+           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    ptx = _ptx("_w8a16_kernel", sig, {"HAS_BIAS": False, "BLOCK_M": 1, "DOT_PREC": "tf32", "BLOCK_N": 8,
+                                      "BLOCK_K": 256}, ["x_ptr", "q_ptr", "s_ptr", "b_ptr", "y_ptr", "K"])
+    assert _int_to_float(ptx) >= 1
