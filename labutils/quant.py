@@ -140,16 +140,20 @@ class Int8Weight(_QWeight):
         return (self.q.float() * self.scale.float()[:, None]).to(dtype)  # (N, K)
 
 
-@dataclass
-class Int4Weight(_QWeight):
-    packed: torch.Tensor  # (N, K/2) uint8, two codes per byte
-    scale: torch.Tensor  # (N, ceil(K/G))
-    zero: torch.Tensor  # (N, ceil(K/G)) uint8 in [0, 15]
-    group_size: int
+class _Packed4(_QWeight):
+    """Two 4-bit codes per byte along K: ``packed`` (N, K/2) uint8."""
 
     @property
     def shape(self):
         return (self.packed.shape[0], 2 * self.packed.shape[1])
+
+
+@dataclass
+class Int4Weight(_Packed4):
+    packed: torch.Tensor  # (N, K/2) uint8, two codes per byte
+    scale: torch.Tensor  # (N, ceil(K/G))
+    zero: torch.Tensor  # (N, ceil(K/G)) uint8 in [0, 15]
+    group_size: int
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         K, G = self.shape[1], self.group_size
@@ -158,14 +162,10 @@ class Int4Weight(_QWeight):
 
 
 @dataclass
-class NF4Weight(_QWeight):
+class NF4Weight(_Packed4):
     packed: torch.Tensor  # (N, K/2) uint8, two indices into NF4_CODE per byte
     absmax: torch.Tensor  # (N, ceil(K/B))
     block_size: int
-
-    @property
-    def shape(self):
-        return (self.packed.shape[0], 2 * self.packed.shape[1])
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         K, B = self.shape[1], self.block_size
@@ -228,42 +228,30 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """4-bit chunks must not straddle groups (GROUP % BLOCK_K == 0); tl.dot needs tiles of 16+."""
-    a = {**named_args, **kwargs}
-    group, rows = a.get("GROUP", 0), a["BLOCK_M"]
-    keep = [c for c in configs if (not group or group % c.kwargs["BLOCK_K"] == 0)
-            and (rows == 1 or c.kwargs["BLOCK_N"] >= 16)]
+    """4-bit chunks must not straddle groups (GROUP % BLOCK_K == 0)."""
+    group = {**named_args, **kwargs}.get("GROUP", 0)
+    keep = [c for c in configs if not group or group % c.kwargs["BLOCK_K"] == 0]
     return keep or configs[:1]
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "BLOCK_M"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _w8a16_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y (M, N) = x (M, K) @ (q (N, K) int8 * s (N,))^T + b."""
+    """y (M, N) = x (M, K) @ (q (N, K) int8 * s (N,))^T + b, for M <= BLOCK_M rows (rows past M masked)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
     n_ok = rn < N
     w_rows = q_ptr + rn.to(tl.int64)[:, None] * K  # (BLOCK_N, 1)
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
-    if BLOCK_M == 1:  # GEMV: partial sums in a (BLOCK_N, BLOCK_K) tile, reduced once
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
-            w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)  # (BLOCK_N, BLOCK_K)
-            acc += w.to(tl.float32) * x[None, :]
-        out = tl.sum(acc, axis=1)[None, :]  # (1, BLOCK_N)
-    else:  # 2..16 rows: one (BLOCK_M, BLOCK_K) activation tile per chunk, weights read once
-        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            out = tl.dot(x, tl.trans(w.to(x.dtype)), out, input_precision=DOT_PREC)  # int8 -> fp16/bf16 exact
+    out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # one activation tile per chunk, weights read once
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        out = tl.dot(x, tl.trans(w.to(x.dtype)), out, input_precision=DOT_PREC)  # int8 -> fp16/bf16 exact
     out = out * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]  # per-row scale, once
     if HAS_BIAS:
         out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -291,13 +279,13 @@ def _w4_tile(p_rows, s_ptr, z_ptr, code_ptr, sz_rows, n_ok, k0, KH,
     return w_even, w_odd, j, j_ok
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "BLOCK_M", "GROUP", "NF4"],
+@triton.autotune(configs=_configs(), key=["N", "K", "GROUP", "NF4"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, NG,
                   NF4: tl.constexpr, GROUP: tl.constexpr, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y (M, N) = (x * xs) (M, K) @ deq(p (N, K/2), s (N, NG), z or code)^T + b; 4-bit codes."""
+    """y (M, N) = (x * xs) (M, K) @ deq(p (N, K/2), s (N, NG), z or code)^T + b; 4-bit codes, M <= BLOCK_M."""
     HALF: tl.constexpr = BLOCK_K // 2
     KH = K // 2
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -306,31 +294,19 @@ def _w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M,
     sz_rows = rn * NG  # (BLOCK_N,) offsets of each row's scales / zeros
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
-    if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            w_even, w_odd, j, j_ok = _w4_tile(p_rows, s_ptr, z_ptr, code_ptr, sz_rows, n_ok, k0, KH, NF4, GROUP, HALF)
-            x_even = tl.load(x_ptr + 2 * j, mask=j_ok, other=0.0).to(tl.float32)  # (HALF,)
-            x_odd = tl.load(x_ptr + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
-            if HAS_XS:  # AWQ: x / s, one multiply per input channel
-                x_even *= tl.load(xs_ptr + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
-                x_odd *= tl.load(xs_ptr + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
-            acc += w_even * x_even[None, :] + w_odd * x_odd[None, :]
-        out = tl.sum(acc, axis=1)[None, :]  # (1, BLOCK_N)
-    else:
-        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            w_even, w_odd, j, j_ok = _w4_tile(p_rows, s_ptr, z_ptr, code_ptr, sz_rows, n_ok, k0, KH, NF4, GROUP, HALF)
-            mask = m_ok[:, None] & j_ok[None, :]
-            x_even = tl.load(x_ptr + rm[:, None] * K + 2 * j[None, :], mask=mask, other=0.0)  # (BLOCK_M, HALF)
-            x_odd = tl.load(x_ptr + rm[:, None] * K + 2 * j[None, :] + 1, mask=mask, other=0.0)
-            if HAS_XS:
-                xs_even = tl.load(xs_ptr + 2 * j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-                xs_odd = tl.load(xs_ptr + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-                x_even = (x_even.to(tl.float32) * xs_even).to(x_ptr.dtype.element_ty)
-                x_odd = (x_odd.to(tl.float32) * xs_odd).to(x_ptr.dtype.element_ty)
-            out = tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)), out, input_precision=DOT_PREC)
-            out = tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)), out, input_precision=DOT_PREC)
+    out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w_even, w_odd, j, j_ok = _w4_tile(p_rows, s_ptr, z_ptr, code_ptr, sz_rows, n_ok, k0, KH, NF4, GROUP, HALF)
+        mask = m_ok[:, None] & j_ok[None, :]
+        x_even = tl.load(x_ptr + rm[:, None] * K + 2 * j[None, :], mask=mask, other=0.0)  # (BLOCK_M, HALF)
+        x_odd = tl.load(x_ptr + rm[:, None] * K + 2 * j[None, :] + 1, mask=mask, other=0.0)
+        if HAS_XS:  # AWQ: x / s, one multiply per input channel
+            xs_even = tl.load(xs_ptr + 2 * j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+            xs_odd = tl.load(xs_ptr + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+            x_even = (x_even.to(tl.float32) * xs_even).to(x_ptr.dtype.element_ty)
+            x_odd = (x_odd.to(tl.float32) * xs_odd).to(x_ptr.dtype.element_ty)
+        out = tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)), out, input_precision=DOT_PREC)
+        out = tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)), out, input_precision=DOT_PREC)
     if HAS_BIAS:
         out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -463,7 +439,7 @@ def _launch(kernel, x, N, args, bias, **meta):
         kernel[grid](x2, *args, b, y, N, K, args[0].shape[1], **meta, HAS_BIAS=bias is not None)
     else:
         kernel[grid](x2, *args, b, y, M, N, K, **meta, HAS_BIAS=bias is not None,
-                     BLOCK_M=1 if M == 1 else MAX_ROWS, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
+                     BLOCK_M=MAX_ROWS, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -417,10 +417,13 @@ def test_gemv_ptx_has_vector_loads_and_no_int_to_float(fmt):
 
 
 def test_ptx_check_sees_int_to_float_in_the_tile_kernel():
-    """The detector above is not vacuous: the tile kernel's single-row branch converts each code."""
-    sig = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32",
-           "N": "i32", "K": "i32", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "DOT_PREC": "constexpr",
-           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-    ptx = _ptx("_w8a16_kernel", sig, {"HAS_BIAS": False, "BLOCK_M": 1, "DOT_PREC": "tf32", "BLOCK_N": 8,
-                                      "BLOCK_K": 256}, ["x_ptr", "q_ptr", "s_ptr", "b_ptr", "y_ptr", "K"])
+    """The detector above is not vacuous: the 2-16-row tile kernel converts each INT4 code to a float
+    (there the conversion is shared by 16 rows of tl.dot; in a GEMV it would be paid per row)."""
+    sig = {"x_ptr": "*bf16", "p_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "code_ptr": "*fp32",
+           "xs_ptr": "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "NG": "i32",
+           "NF4": "constexpr", "GROUP": "constexpr", "HAS_XS": "constexpr", "HAS_BIAS": "constexpr",
+           "BLOCK_M": "constexpr", "DOT_PREC": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    ptx = _ptx("_w4a16_kernel", sig, {"NF4": False, "GROUP": 128, "HAS_XS": False, "HAS_BIAS": False, "BLOCK_M": 16,
+                                      "DOT_PREC": "tf32", "BLOCK_N": 16, "BLOCK_K": 64},
+               ["x_ptr", "p_ptr", "s_ptr", "z_ptr", "code_ptr", "xs_ptr", "b_ptr", "y_ptr", "N", "K"])
     assert _int_to_float(ptx) >= 1
