@@ -39,7 +39,7 @@ HEADLINES = {
                            ("decode_gbps", "decode attention (GB/s of K+V)", "{:,.0f}")],
     "04_quantization": [("layer_us", "3584->18944 layer at batch 1 (us)", None),
                         ("engine_tok_s", "engine batch 1 (tok/s, shape twin)", None),
-                        ("ppl", "perplexity, embedded model", None)],
+                        ("ppl", "perplexity on real weights (results: ppl_model)", None)],
 }
 
 

@@ -21,6 +21,7 @@ advanced, so the loop is ``replay(); record token`` per step.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -113,10 +114,8 @@ class DecodeEngine:
         self._attach()
         for c in self.caches:
             c.reset()
-        if self.regional:  # compiled layers: the prompt runs eagerly (no compile per prompt length)
-            with torch.compiler.set_stance("force_eager"):
-                logits = self.model(idx, torch.arange(T, device=idx.device), last_only=True)
-        else:
+        # compiled layers (regional): the prompt runs eagerly, not one compile per prompt length
+        with torch.compiler.set_stance("force_eager") if self.regional else contextlib.nullcontext():
             logits = self.model(idx, torch.arange(T, device=idx.device), last_only=True)
         self.tok.copy_(logits[:, -1].argmax(dim=-1, keepdim=True))
         self.pos.fill_(T)
