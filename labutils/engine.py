@@ -89,8 +89,13 @@ class DecodeEngine:
         self.model.set_kv_caches(self.caches)
 
     def _capture(self):
-        """Warm up on a side stream (compiles, autotunes), then record the step once."""
+        """Compile (and autotune) with one step on the default stream, warm up on a side stream, then
+        record the step once. (On the H100, a regional compile of the 7B twin whose first step ran on
+        the side stream stalled for over 7 minutes in one notebook run; on the default stream it
+        takes 20-60 s: scripts/probes/probe_e2e.py.)"""
         saved_tok, saved_pos = self.tok.clone(), self.pos.clone()  # warm-up steps advance both
+        if self.mode == "compile":
+            self.step_fn(self.tok, self.pos)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
