@@ -422,6 +422,84 @@ def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, 
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
+# ---- 2 to 16 activation rows (small batches, speculative verification): words and tensor cores ----------
+# The byte-tile kernel above converts every code with an integer-to-float instruction and splits
+# bytes into even and odd halves; at 16 rows of the 3584 -> 18944 layer it took 2x cuBLAS's time
+# (H100, 2026-11-23). This one reads the codes as int32 words like the GEMV, turns each nibble
+# into a float with the magic number, applies its group's scale, and hands the (BLOCK_N, BW) tile of
+# nibble position i (elements 8c + i) to tl.dot with the matching strided columns of x: eight
+# products of depth BW = BLOCK_K / 8 per chunk, all accumulating into one (BLOCK_M, BLOCK_N) tile.
+# The dequantization is paid once per code for all rows; the multiply-adds go to the tensor cores.
+# Measured (H200, CUDA graphs, scripts/probes/probe_quant6.py): better than the byte tile on three
+# of the four Qwen2.5-7B projections (down_proj at 16 rows 219 us against 349, o_proj 42 against 63)
+# but not on up_proj at 1-8 rows (74-79 us against 52-65), and every 4-bit kernel at 2-16 rows is
+# still 1.7-4.7x slower than cuBLAS bf16 (~45 us on the two MLP shapes): far from the ~12 us the
+# bytes allow. Open: too few programs on down_proj (N = 3584 in tiles of 32 rows is 112 programs
+# for 132 SMs; split-K would help), and the dequantized tile's trip through shared memory into the
+# operand layout. Making the weights tl.dot's left operand (W_LHS, y^T = W x^T) beat the right
+# operand by 0-20%.
+def _mma_configs():
+    if runtime.triton_interpreted():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=1)]
+    # Untimed guesses (2026-11-30), BW = BLOCK_K / 8 >= 16 for tl.dot.
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in [(16, 256, 4, 3), (32, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3),
+                                  (64, 512, 8, 3), (16, 512, 4, 4)]]
+
+
+@triton.autotune(configs=_mma_configs(), key=["N", "K", "GROUP", "NF4"])
+@triton.jit
+def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, KW, NG,
+                   NF4: tl.constexpr, GROUP: tl.constexpr, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   W_LHS: tl.constexpr = True):
+    """y (M, N) = (x * xs) (M, K) @ deq(codes)^T + b, M <= BLOCK_M; codes as KW = K / 8 int32 words per
+    row (K % 8 == 0, GROUP % 8 == 0): INT4 (q - z) * s per group, or NF4 code[q] * absmax."""
+    GW: tl.constexpr = GROUP // 8  # words per group
+    BW: tl.constexpr = BLOCK_K // 8  # words per row and chunk
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW  # (BLOCK_N, 1)
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    x_rows = x_ptr + rm[:, None] * K  # (BLOCK_M, 1)
+    if W_LHS:  # y^T = W x^T: the dequantized tile is the left operand, built in registers
+        out = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 // 8 + tl.arange(0, BW)  # (BW,) word index along the row
+        c_ok = c < KW
+        wmask = n_ok[:, None] & c_ok[None, :]
+        words = tl.load(w_rows + c[None, :], mask=wmask, other=0)  # (BLOCK_N, BW) int32
+        sz = rn[:, None] * NG + (c // GW)[None, :]  # each word's group: its scale (and zero point)
+        s = tl.load(s_ptr + sz, mask=wmask, other=0.0).to(tl.float32)
+        if not NF4:
+            off = 8388608.0 + tl.load(z_ptr + sz, mask=wmask, other=0).to(tl.float32)  # 2^23 + z
+        for i in tl.static_range(8):  # nibble i of word c is element 8c + i
+            u = (words >> (4 * i)) & 0xF
+            if NF4:
+                w = tl.load(code_ptr + u) * s
+            else:
+                w = ((u | 0x4B000000).to(tl.float32, bitcast=True) - off) * s  # (q - z) s
+            x = tl.load(x_rows + 8 * c[None, :] + i, mask=m_ok[:, None] & c_ok[None, :], other=0.0)  # (BLOCK_M, BW)
+            if HAS_XS:
+                x = (x.to(tl.float32) * tl.load(xs_ptr + 8 * c + i, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+                     ).to(x_ptr.dtype.element_ty)
+            if W_LHS:
+                out = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x), out, input_precision=DOT_PREC)
+            else:
+                out = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), out, input_precision=DOT_PREC)
+    if W_LHS:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + rm[None, :] * N + rn[:, None], out.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+    else:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
@@ -437,6 +515,9 @@ def _launch(kernel, x, N, args, bias, **meta):
     b = bias if bias is not None else y
     if kernel in (_w8_gemv_kernel, _w4_gemv_kernel):  # args[0]: the codes as int32 words (N, KW)
         kernel[grid](x2, *args, b, y, N, K, args[0].shape[1], **meta, HAS_BIAS=bias is not None)
+    elif kernel is _w4_mma_kernel:  # words, and a row count
+        kernel[grid](x2, *args, b, y, M, N, K, args[0].shape[1], **meta, HAS_BIAS=bias is not None,
+                     BLOCK_M=MAX_ROWS, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
     else:
         kernel[grid](x2, *args, b, y, M, N, K, **meta, HAS_BIAS=bias is not None,
                      BLOCK_M=MAX_ROWS, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
@@ -485,8 +566,9 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     rest = (scale.contiguous(), dummy if nf4 else zero.contiguous(), code.float().contiguous() if nf4 else dummy,
             dummy if in_scale is None else in_scale.contiguous())
     meta = dict(NG=scale.shape[1], NF4=nf4, GROUP=group_size, HAS_XS=in_scale is not None)
-    if _rows(x) == 1 and K % 8 == 0 and group_size % 8 == 0:  # decode: the word-wise GEMV
-        return _launch(_w4_gemv_kernel, x, N, (packed.view(torch.int32), *rest), bias, **meta)
+    if K % 8 == 0 and group_size % 8 == 0:  # codes as int32 words: the GEMV for one row, else tensor cores
+        kernel = _w4_gemv_kernel if _rows(x) == 1 else _w4_mma_kernel
+        return _launch(kernel, x, N, (packed.view(torch.int32), *rest), bias, **meta)
     return _launch(_w4a16_kernel, x, N, (packed, *rest), bias, **meta)
 
 

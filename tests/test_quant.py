@@ -328,23 +328,27 @@ def test_awq_scales_on_tiny_decoder():
     assert e_awq < 0.85 * e_rtn, f"AWQ logits error {e_awq:.3f} vs round-to-nearest {e_rtn:.3f}"
 
 
-@pytest.mark.parametrize("fmt,K,gemv", [("int8", 256, True), ("int8", 129, False), ("int4", 200, True),
-                                        ("nf4", 200, True), ("int4", 196, False)])
-def test_one_row_takes_the_word_gemv_when_k_allows(fmt, K, gemv, monkeypatch):
-    """One activation row runs the int32-word GEMV kernel (K % 4 == 0 for INT8, K % 8 == 0 for 4-bit);
-    other K take the tile kernel; both match the dequantized reference."""
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("fmt,K,words", [("int8", 256, True), ("int8", 129, False), ("int4", 200, True),
+                                         ("nf4", 200, True), ("int4", 196, False)])
+def test_kernel_choice_by_rows_and_k(fmt, K, words, rows, monkeypatch):
+    """One activation row runs the int32-word GEMV (K % 4 == 0 for INT8, K % 8 == 0 for 4-bit); 2-16
+    rows of 4-bit codes run the word-wise tensor-core kernel when K allows; the rest take the byte
+    tile kernels; all match the dequantized reference."""
     used = []
     inner = Q._launch
     monkeypatch.setattr(Q, "_launch", lambda kernel, *a, **kw: used.append(kernel) or inner(kernel, *a, **kw))
     lin = _linear(23, K, seed=K)
     kw = {"int8": {}, "int4": {"group_size": 64}, "nf4": {"block_size": 32}}[fmt]
     mod = Q.FORMATS[fmt].from_linear(lin, **kw)
-    x = torch.randn(1, K, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         y = mod(x)
-    expected = (Q._w8_gemv_kernel if fmt == "int8" else Q._w4_gemv_kernel) if gemv else \
-        (Q._w8a16_kernel if fmt == "int8" else Q._w4a16_kernel)
-    assert used == [expected], f"{fmt}, K={K}: launched {used}"
+    if fmt == "int8":
+        expected = Q._w8_gemv_kernel if words and rows == 1 else Q._w8a16_kernel
+    else:
+        expected = (Q._w4_gemv_kernel if rows == 1 else Q._w4_mma_kernel) if words else Q._w4a16_kernel
+    assert used == [expected], f"{fmt}, K={K}, rows={rows}: launched {used}"
     ref = F.linear(x.double(), mod.dequantize(torch.float64), lin.bias.double())
     assert norm_rel_err(y, ref) <= KERNEL_TOL[torch.float32]
 
