@@ -34,6 +34,7 @@
 # compare, not what they would cost a bf16 model.
 
 # %%
+import logging
 import os
 import time
 
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from labutils import configs, quant, roofline
+from labutils import actquant, configs, quant, roofline
 from labutils.bench import time_fn
 from labutils.data import DataUnavailableError, load_text, load_wikitext2
 from labutils.decoder import Decoder
@@ -164,6 +165,9 @@ except ImportError:
     bnb = None
 HAS_BNB = bnb is not None and has_cuda()
 print(f"copy bandwidth {copy_gbps:,.0f} GB/s; bitsandbytes: {bnb.__version__ if bnb else 'not installed'}")
+# bitsandbytes' int8 layer casts bf16 inputs to fp16 and logs a warning saying so on every call (tens of
+# thousands of lines in a timing loop): silenced (it is a logging message, not a Python warning)
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 def bnb_linear(lin: torch.nn.Linear, fmt: str):
@@ -244,19 +248,26 @@ sweep = batch_sweep(pick(16, 2))
 slider(batch_sweep, max_rows=(2, 16, 1, 16))
 
 # %% [markdown]
-# **What the layer table says** (committed H100 run). INT8 streams ~2.0 TB/s of weight bytes, two
-# thirds of the copy ceiling, and takes 0.55x cuBLAS bf16's time on the 3584->18944 layer (0.54x of
-# fp16's). INT4 halves the bytes again but hardly the time (0.51x): it moves only ~1.1 TB/s. Count
-# codes instead of bytes and the two kernels agree: both turn about 2.1 codes per nanosecond into
-# products (68 M codes in 31-33 us). So the 4-bit kernel is limited by the work per code, not by
-# memory. Which part of that work is not settled: its compiled loop (SASS from `cuobjdump`) spends
-# about 9 instructions on each code (load and widen the activation, extract the nibble, subtract the
-# zero point, multiply-add), yet a variant with fewer than half as many (`scripts/probes/probe_quant4.py`)
-# was no faster; the next suspects are latency (how many bytes each SM keeps in flight while it
-# computes) and the per-chunk reductions. NF4 is slower still: a table lookup per code.
+# **What the layer table says** (committed run, on an H200: 4,240 GB/s copy bandwidth). INT8 takes
+# 0.65x cuBLAS bf16's time on the 3584->18944 layer (28.4 against 43.6 us) and streams 2.4 TB/s of
+# weight bytes, 56% of the copy ceiling. INT4 halves the bytes again but not the time: 30.8 us, 0.71x,
+# 1.15 TB/s. Count codes instead of bytes and the two kernels agree: both turn about 2.2-2.4 codes
+# per nanosecond into products (68 M codes in 28-31 us). The same notebook on an H100 (same SMs and
+# clocks, 3.0 TB/s; the previous commit of this notebook) gave cuBLAS 60.5, INT8 33.4 and INT4 31.0 us:
+# the extra bandwidth sped up cuBLAS and INT8, and left INT4 where it was. So the 4-bit kernel is
+# limited by the work per code, not by memory. Which part of that work is not settled: its compiled
+# loop (SASS from `cuobjdump`) spends ~9 instructions per code, yet a variant with fewer than half as
+# many was no faster (`scripts/probes/probe_quant4.py`), and feeding the tiles through TMA with a
+# pipelined loop gained 9% (`probe_quant5.py`). NF4 is slower still: a table lookup per code.
 # bitsandbytes' nf4 layer is faster than the lab's nf4 but not than its int4; its int8 layer first
-# casts bf16 inputs to fp16 (the warning it prints on every call; the committed outputs keep the
-# first one per cell) and is slower than the lab's int8.
+# casts bf16 inputs to fp16 and is slower than the lab's int8, on down_proj 2.7x.
+#
+# **The batch sweep**: INT8 keeps its time (~29 us) up to 16 rows, because the tile kernel reads each
+# weight once for all rows. INT4 and NF4 do not: from 2 rows on they run the tensor-core kernel
+# (`_w4_mma_kernel`), 76-119 us for INT4, 1.8-2.6x cuBLAS. The GEMV's tricks carried over, but not its
+# speed (`scripts/probes/probe_quant6.py` has the other shapes; on down_proj too few programs fill the
+# GPU). For the verification batches of speculative decoding (notebook 05), INT8 is the format that
+# keeps its advantage past batch 1.
 
 # %% [markdown]
 # ## 4. End to end: the decode engine with each format (shape twin)
@@ -295,8 +306,14 @@ for fmt in tqdm(e2e_formats, desc="engines"):
     model_q = build(fmt)
     linear_bytes = sum(module_bytes(m) for n, m in model_q.named_modules()
                        if n.endswith(("_proj", "lm_head")) and not list(m.children()))
+    # memory of this format alone: the tensors its model holds (each counted once), plus what the
+    # engine adds at its peak (KV cache, activations, graph pools); the bf16 twin every format is
+    # built from stays resident but is not this format's
+    model_gib = sum({t.data_ptr(): t.nbytes for t in model_q.state_dict().values()  # bitsandbytes keeps its
+                     if torch.is_tensor(t)}.values()) / 2**30                            # scales in state_dict only
     if has_cuda():
         torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     tok_s, used = None, None
     modes = ["graph", "eager"] if fmt.startswith("bnb_") else ["compile", "graph", "eager"]
@@ -314,8 +331,8 @@ for fmt in tqdm(e2e_formats, desc="engines"):
             torch._dynamo.reset()
     bytes_per_token = linear_bytes + roofline.kv_bytes_per_token(tcfg, 2) * (32 + n_decode)
     e2e.append({"format": fmt, "mode": used, "tok/s": tok_s, "GB read/token": bytes_per_token / 1e9,
-                "roofline tok/s": copy_gbps * 1e9 / bytes_per_token,
-                "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if has_cuda() else None})
+                "roofline tok/s": copy_gbps * 1e9 / bytes_per_token, "model GiB": model_gib,
+                "peak GiB": model_gib + (torch.cuda.max_memory_allocated() - base) / 2**30 if has_cuda() else None})
     del model_q
 e2e = pd.DataFrame(e2e)
 e2e["% of roofline"] = e2e["tok/s"] / e2e["roofline tok/s"]
@@ -331,16 +348,21 @@ peak = matmul_peak_tflops(DT)[0]  # measured, as in notebook 00
 roofline.chart(peak, copy_gbps, points, title=f"Formats on the roofline ({arch} shape twin, achieved)").show()
 
 # %% [markdown]
-# **What the engines say** (shape twin, committed H100 run). bf16 decodes at ~179 tok/s, 84% of its
-# roofline, as in notebook 02. INT8 reaches ~277 tok/s, 1.55x bf16 and 65% of its own roofline: the
-# per-layer 0.55x, plus the attention, norms and sampling that did not shrink. INT4 is *slower* than
-# INT8 (~249 tok/s, 31% of its roofline) for the reason the layer table gave: its kernels are limited
-# by the work per code, not by bytes, so a quarter of the bytes does not buy a quarter of the time. NF4 pays its
-# table lookups. bitsandbytes' layers cannot be compiled here and run in graph mode only.
+# **What the engines say** (shape twin, committed run on the H200). bf16 decodes at ~238 tok/s, 80%
+# of its roofline. INT8 reaches ~338 tok/s, 1.42x bf16 and 57% of its own roofline: the per-layer
+# 0.65x, plus the attention, norms and sampling that did not shrink. INT4 gains almost nothing
+# (~252 tok/s, 1.06x, 22% of its roofline) for the reason the layer table gave: its kernels are
+# limited by the work per code, so a quarter of the bytes does not buy a quarter of the time, and on
+# this GPU, with more bandwidth than the H100, the gap is wider (the H100 run: bf16 179, INT8 277,
+# INT4 249 tok/s). NF4 pays its table lookups. bitsandbytes' layers cannot be compiled here and run
+# in graph mode only.
 #
-# Two caveats on the columns: "peak GiB" is the allocator's peak while building and running each
-# engine, so it includes the bf16 twin kept to build every format and the fp32 temporaries of
-# quantization; the bytes each format keeps for its weights are "GB read/token" minus the KV cache.
+# The memory columns count each format alone: "model GiB" is the tensors its model holds (packed
+# codes, scales, the bf16 embedding and norms; not the bf16 twin every format is built from), and
+# "peak GiB" adds what the engine allocates at most. For the lab's formats that peak comes from the
+# prefill: 32 prompt rows are more than the kernels take (16), so each layer is dequantized for
+# `F.linear`, and the largest one, the 152064 x 3584 lm_head, is ~1 GiB in bf16 (INT8) or ~2 GiB on
+# its way through fp32 (INT4, NF4). Decoding itself adds only the KV cache and activations.
 
 # %% [markdown]
 # ## 5. Quality on real weights: perplexity
@@ -380,7 +402,8 @@ print(f"unquantized = {quality_model or 'the embedded model'} in {str(DT)[6:]}"
 print(quality.to_string(index=False, float_format=lambda x: f"{x:,.4f}"))
 
 # %% [markdown]
-# **What the perplexities say** (committed H100 run, all 88,039 tokens of the eval text). The bf16
+# **What the perplexities say** (committed run, all 88,039 tokens of the eval text; the H100 run
+# before it gave the same numbers to four digits). The bf16
 # model scores 41.32, the same as the fp32 model on a CPU (41.32), so bf16 itself costs nothing.
 # INT8 per channel costs nothing measurable either (41.31). INT4 with groups of 128, rounded to
 # nearest, costs +26%, far outside the +5% the issue asks for; activation-aware scaling calibrated on
@@ -398,59 +421,79 @@ print(quality.to_string(index=False, float_format=lambda x: f"{x:,.4f}"))
 # %% [markdown]
 # ## 6. Beyond weight-only: W8A8 and FP8
 #
-# Quantizing the activations too lets the tensor cores multiply int8 × int8 (`torch._int_mm`) or
-# fp8 × fp8 (`torch._scaled_mm`, Hopper): that saves compute, which only pays when the layer is
-# compute-bound, i.e. at large batch. At batch 1 the weights' bytes are all that count.
+# Quantizing the activations too lets the tensor cores multiply int8 × int8 or fp8 × fp8 at twice
+# their bf16 rate. That saves compute, which only pays where the layer is compute-bound: at large
+# batch (prefill, big serving batches). At batch 1 the weights' bytes are all that count, and they
+# are the same as weight-only INT8's. Each activation row (token) gets its own scale.
+#
+# Three ways to run the same layer, all from `labutils.actquant`:
+# - **W8A8 as first written**: PyTorch ops quantize x, `torch._int_mm` multiplies, and its int32
+#   result is rescaled in fp32 afterwards: extra passes over M × N × 4 bytes;
+# - **W8A8 fused**: one Triton pass quantizes x (`quant_rows`), and a Triton int8 GEMM applies both
+#   scales in its epilogue, so the int32 product never reaches memory;
+# - **FP8 (e4m3) row-wise**: the same one-pass quantizer, then `torch._scaled_mm`, which applies
+#   per-row and per-column scales in cuBLASLt's epilogue.
 
 # %%
-beyond = []
-if has_cuda():
+show_source(actquant.w8a8_reference)
+show_source(actquant._w8a8_kernel)
+
+# %%
+def beyond_weight_only(rows=(1, 16, 256, 1024, 4096)):
     N, K = SHAPES[HEADLINE]
     W = torch.randn(N, K, device=device, dtype=torch.bfloat16) * 0.02
     wq = quant.quantize_int8(W.float())
-    w_i8, w_s = wq.q, wq.scale.float()  # (N, K) int8, (N,) per output channel
-    w_amax = W.abs().max().float()
-    w_f8 = (W.float() / (w_amax / 448)).to(torch.float8_e4m3fn)
-    for M in (1, 16, 256, 4096):
+    w8 = actquant.quantize_fp8_rows(W)
+    out = []
+    for M in rows:
         x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
-        pad = max(M, 32)  # _int_mm wants more than 16 rows; fp8 wants a multiple of 16
-
-        def w8a8():
-            xs = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127  # per-token scale
-            xq = torch.zeros(pad, K, device=device, dtype=torch.int8)
-            xq[:M] = (x.float() / xs).round().to(torch.int8)
-            return torch._int_mm(xq, w_i8.t())[:M].float() * xs * w_s
-
-        def fp8():
-            xa = x.float().abs().max().clamp_min(1e-8) / 448
-            x8 = torch.zeros(pad, K, device=device, dtype=torch.float8_e4m3fn)
-            x8[:M] = (x.float() / xa).to(torch.float8_e4m3fn)
-            return torch._scaled_mm(x8, w_f8.t(), scale_a=xa, scale_b=w_amax / 448, out_dtype=torch.bfloat16)[:M]
-
-        row = {"rows": M, "bf16 cuBLAS us": time_fn(lambda: F.linear(x, W)).median_ms * 1e3}
-        for name, fn in (("W8A8 _int_mm us", w8a8), ("FP8 _scaled_mm us", fp8)):
+        exact = F.linear(x.float(), W.float())
+        variants = {"bf16 cuBLAS": lambda: F.linear(x, W),
+                    "W8A8 as first written (_int_mm)": lambda: actquant.w8a8_reference(x, wq.q, wq.scale),
+                    "W8A8 fused (Triton)": lambda: actquant.w8a8_linear(x, wq.q, wq.scale),
+                    "FP8 row-wise (_scaled_mm)": lambda: actquant.fp8_linear(x, *w8)}
+        for name, fn in variants.items():
             try:
-                fn()
-                row[name] = time_fn(fn).median_ms * 1e3
+                y = fn()
+                err = ((y.float() - exact).norm() / exact.norm()).item()
+                try:
+                    us = time_fn(fn, rep_ms=50, cuda_graph=True).median_ms * 1e3
+                except Exception:  # noqa: BLE001  (not capturable: time its launches)
+                    us = time_fn(fn, rep_ms=50).median_ms * 1e3
             except RuntimeError as e:
                 print(f"{name} at {M} rows: {str(e)[:120]}")
-                row[name] = None
-        beyond.append(row)
-    beyond = pd.DataFrame(beyond)
-    print(beyond.to_string(index=False, float_format=lambda x: f"{x:,.1f}"))
+                us, err = None, None
+            out.append({"rows": M, "kernel": name, "us": us, "rel err": err})
+    df = pd.DataFrame(out)
+    df["vs bf16"] = df.us / df.rows.map(df[df.kernel == "bf16 cuBLAS"].set_index("rows").us)
+    return df
+
+
+if has_cuda():
+    beyond = beyond_weight_only()
+    print(f"[{HEADLINE}, bf16 activations; 'vs bf16' < 1 is faster]")
+    print(beyond.pivot(index="rows", columns="kernel", values="vs bf16").to_string(float_format=lambda x: f"{x:,.2f}"))
+    print(beyond.to_string(index=False, float_format=lambda x: f"{x:,.4g}"))
+    px.line(beyond, x="rows", y="us", color="kernel", markers=True, log_x=True, log_y=True,
+            title=f"{HEADLINE}: time against rows, 8-bit activations or not").show()
 else:
-    print("int8 x int8 and fp8 tensor-core products need a GPU")
+    beyond = pd.DataFrame()
+    print("int8 x int8 and fp8 tensor-core products need a GPU; the kernels are tested in the interpreter (tests/test_actquant.py)")
 
 # %% [markdown]
-# **Where they pay, as written here: nowhere yet** (committed H100 run). At 1-256 rows both cost
-# about twice cuBLAS bf16; at 4096 rows, where the product is compute-bound and the int8/fp8 tensor
-# cores should win, FP8 is only ~1.2x faster than bf16 and W8A8 is 2.4x *slower*. The cells above
-# time the whole layer as a reader would first write it: the activations are quantized by a handful
-# of separate PyTorch ops on every call, and W8A8 rescales its int32 output in fp32 in further passes
-# over a 4096 x 18944 matrix. Those passes, not the tensor-core product, are what the table measures.
-# For these formats to pay, the activation quantization has to be fused into the op that produces
-# the activations and the rescaling into the GEMM's epilogue (as `torch._scaled_mm` does for FP8's
-# scales); that is not done in this notebook.
+# **Where they pay** (committed run, H200). *Not at decode batch sizes.* At 1-16 rows every variant
+# takes about as long as bf16 or longer (FP8 0.88-1.05x, fused W8A8 1.09-1.18x), although FP8 and
+# int8 weights are half the bytes: these are GEMM kernels, not GEMVs, and weight-only INT8 (28 us at
+# 1-16 rows, section 3) is the better choice there. *At large batch, FP8 pays*: from 1024 rows, where
+# the product is compute-bound, it takes 0.62x bf16's time (1.6x faster; the tensor cores' ratio is
+# 2x). *W8A8 pays only when fused*: written the first way (PyTorch ops around `torch._int_mm`, the
+# int32 result rescaled afterwards) it is 1.6-2.9x *slower* than bf16 at every size; with the
+# quantization in one pass and the scales in the GEMM's epilogue it is 1.2x faster at 4096 rows
+# (0.82x the time), with a single untuned tiling of 128 x 128 (at 256 rows that tiling leaves most
+# SMs idle: 1.7x). The price is accuracy: 1.2% (W8A8) and 3.7% (FP8 e4m3) relative output error
+# against 0.17% for bf16 on these Gaussian inputs; real activations have outlier channels that
+# per-token scales handle worse (`tests/test_actquant.py` shows the effect), which is what SmoothQuant
+# and FP8 training recipes address.
 
 # %% [markdown]
 # ## 7. Results
