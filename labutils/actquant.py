@@ -10,7 +10,7 @@ passes over memory:
 - ``w8a8_matmul``: a Triton int8 x int8 GEMM accumulating in int32 whose *epilogue* multiplies by the
   row scale of x and the channel scale of W and writes bf16, so the int32 product never reaches memory
   (``torch._int_mm`` returns it, and rescaling it costs a read and a write of M x N x 4 bytes);
-- ``fp8_linear``: e4m3 codes of x (``quant_rows(fp8=True)``) through ``torch._scaled_mm`` with row-wise
+- ``fp8_linear``: e4m3 codes of x (``quant_rows(x, FP8)``) through ``torch._scaled_mm`` with row-wise
   scales (scale_a (M, 1), scale_b (1, N)), which applies them in cuBLASLt's epilogue.
 
 ``w8a8_reference`` is the version a reader writes first: PyTorch ops and ``torch._int_mm``, rescaled in

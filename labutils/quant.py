@@ -436,8 +436,8 @@ def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, 
 # still 1.7-4.7x slower than cuBLAS bf16 (~45 us on the two MLP shapes): far from the ~12 us the
 # bytes allow. Open: too few programs on down_proj (N = 3584 in tiles of 32 rows is 112 programs
 # for 132 SMs; split-K would help), and the dequantized tile's trip through shared memory into the
-# operand layout. Making the weights tl.dot's left operand (W_LHS, y^T = W x^T) beat the right
-# operand by 0-20%.
+# operand layout. The weights are tl.dot's left operand (y^T = W x^T): that beat making them the
+# right operand (y = x W^T) by 0-20% (probe 6, both runs).
 def _mma_configs():
     if runtime.triton_interpreted():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=1)]
@@ -451,8 +451,7 @@ def _mma_configs():
 @triton.jit
 def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, KW, NG,
                    NF4: tl.constexpr, GROUP: tl.constexpr, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   W_LHS: tl.constexpr = True):
+                   BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (M, N) = (x * xs) (M, K) @ deq(codes)^T + b, M <= BLOCK_M; codes as KW = K / 8 int32 words per
     row (K % 8 == 0, GROUP % 8 == 0): INT4 (q - z) * s per group, or NF4 code[q] * absmax."""
     GW: tl.constexpr = GROUP // 8  # words per group
@@ -463,10 +462,7 @@ def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
     x_rows = x_ptr + rm[:, None] * K  # (BLOCK_M, 1)
-    if W_LHS:  # y^T = W x^T: the dequantized tile is the left operand, built in registers
-        out = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    out = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T = W x^T: the dequantized tile is the left operand
     for k0 in range(0, K, BLOCK_K):
         c = k0 // 8 + tl.arange(0, BW)  # (BW,) word index along the row
         c_ok = c < KW
@@ -486,18 +482,10 @@ def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M
             if HAS_XS:
                 x = (x.to(tl.float32) * tl.load(xs_ptr + 8 * c + i, mask=c_ok, other=0.0).to(tl.float32)[None, :]
                      ).to(x_ptr.dtype.element_ty)
-            if W_LHS:
-                out = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x), out, input_precision=DOT_PREC)
-            else:
-                out = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), out, input_precision=DOT_PREC)
-    if W_LHS:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + rm[None, :] * N + rn[:, None], out.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
-    else:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            out = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x), out, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + rm[None, :] * N + rn[:, None], out.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -506,20 +494,19 @@ def _rows(x: torch.Tensor) -> int:
 
 def _launch(kernel, x, N, args, bias, **meta):
     """Run ``kernel`` on x (..., K) with 1..16 rows -> (..., N) in x's dtype. The GEMV kernels take
-    one row and no row count; the tile kernels take M and their tile height."""
+    one row and no row count; the tile kernels take M and their tile height; the word-wise kernels
+    (codes as int32 words in args[0]) also take the words per row, KW."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
     M = x2.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     b = bias if bias is not None else y
-    if kernel in (_w8_gemv_kernel, _w4_gemv_kernel):  # args[0]: the codes as int32 words (N, KW)
-        kernel[grid](x2, *args, b, y, N, K, args[0].shape[1], **meta, HAS_BIAS=bias is not None)
-    elif kernel is _w4_mma_kernel:  # words, and a row count
-        kernel[grid](x2, *args, b, y, M, N, K, args[0].shape[1], **meta, HAS_BIAS=bias is not None,
-                     BLOCK_M=MAX_ROWS, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
+    words = (args[0].shape[1],) if kernel in (_w8_gemv_kernel, _w4_gemv_kernel, _w4_mma_kernel) else ()  # KW
+    if kernel in (_w8_gemv_kernel, _w4_gemv_kernel):
+        kernel[grid](x2, *args, b, y, N, K, *words, **meta, HAS_BIAS=bias is not None)
     else:
-        kernel[grid](x2, *args, b, y, M, N, K, **meta, HAS_BIAS=bias is not None,
+        kernel[grid](x2, *args, b, y, M, N, K, *words, **meta, HAS_BIAS=bias is not None,
                      BLOCK_M=MAX_ROWS, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
     return y.reshape(*x.shape[:-1], N)
 

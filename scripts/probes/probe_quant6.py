@@ -9,8 +9,10 @@ them, and hands eight (BLOCK_N, BLOCK_K / 8) tiles per chunk to tl.dot. Here bot
 GEMV, and the new kernel at one row) are timed in CUDA graphs beside cuBLAS bf16 and the lab INT8
 layer, each checked against the dequantized reference.
 
-W_LHS (default) makes the dequantized tile tl.dot's left operand (y^T = W x^T); W_LHS=False the right
-one (y = x W^T), the layout of the first run (results/probe_quant6_run1.json).
+Two runs (H200, 2026-11-30): results/probe_quant6_run1.json with the dequantized tile as tl.dot's
+right operand (y = x W^T), all shapes; results/probe_quant6.json with both operand orders ("word
+mma" = left operand, y^T = W x^T, and "word mma x-lhs" = right operand), up/down. The library kept
+the left operand (0-20% faster) and dropped the other order; to time it again, check out 0da6f52.
 
 Usage on the device: [ROWS=1,4,16 SHAPES=up,down] python3 scripts/probes/probe_quant6.py SECONDS (writes $OUT/probe_quant6.json).
 """
@@ -26,13 +28,13 @@ from labutils import quant as Q
 from labutils.bench import time_fn
 
 
-def launch(kernel, mod, x, **extra):
+def launch(kernel, mod, x):
     """Call one of the 4-bit kernels directly (bypassing the row-count dispatch of the custom op)."""
     nf4 = isinstance(mod, Q.NF4Linear)
     s = mod.absmax if nf4 else mod.scale
     group = mod._meta["block_size" if nf4 else "group_size"]
     rest = (s, s if nf4 else mod.zero, mod.code.float() if nf4 else s, s)
-    meta = dict(NG=s.shape[1], NF4=nf4, GROUP=group, HAS_XS=False, **extra)
+    meta = dict(NG=s.shape[1], NF4=nf4, GROUP=group, HAS_XS=False)
     packed = mod.packed if kernel is Q._w4a16_kernel else mod.packed.view(torch.int32)
     return Q._launch(kernel, x, mod.out_features, (packed, *rest), None, **meta)
 
@@ -64,15 +66,14 @@ if __name__ == "__main__":
             for f in ("int4", "nf4"):
                 m = mods[f]
                 ref = x.float() @ refW[f].T
-                kernels = {"byte tile": (Q._w4a16_kernel, {}), "word mma": (Q._w4_mma_kernel, {}),
-                           "word mma x-lhs": (Q._w4_mma_kernel, {"W_LHS": False})}
+                kernels = {"byte tile": Q._w4a16_kernel, "word mma": Q._w4_mma_kernel}
                 if M == 1:
-                    kernels["gemv"] = (Q._w4_gemv_kernel, {})
-                for kn, (k, ex) in kernels.items():
+                    kernels["gemv"] = Q._w4_gemv_kernel
+                for kn, k in kernels.items():
                     try:
-                        y = launch(k, m, x, **ex)
+                        y = launch(k, m, x)
                         err = ((y.float() - ref).norm() / ref.norm()).item()
-                        row[f"{f} {kn}"] = us(lambda: launch(k, m, x, **ex))
+                        row[f"{f} {kn}"] = us(lambda: launch(k, m, x))
                         row[f"{f} {kn} err"] = err
                     except Exception as e:  # noqa: BLE001
                         row[f"{f} {kn}"] = f"{type(e).__name__}: {str(e)[:200]}"
