@@ -2,17 +2,23 @@
 
     python -m labutils.book run [--only 00,01] [--timeout 3600]
     python -m labutils.book headlines
+    python -m labutils.book student [--out build/student]
 
 A full run (GPU) executes each notebook in place, so its outputs can be committed, and writes
 results/. A smoke run (CPU, CI=true or LAB_SMOKE=1) writes executed copies to build/notebooks/ and
 results to build/results/, leaving the committed notebooks and results untouched. A notebook that
 fails is written to build/notebooks/ with its error, never over the committed one.
+
+``student`` writes the student edition: every notebook with each exercise's solution (the lines
+between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` in a code cell, markers included) replaced
+by a stub that raises NotImplementedError, and every output cleared (see labutils/exercises.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,6 +28,7 @@ from .results import REPO, results_dir
 
 NOTEBOOKS = REPO / "notebooks"
 BUILD = REPO / "build" / "notebooks"
+STUDENT = REPO / "build" / "student"
 
 # The headline metric(s) of each notebook: (metric key, label, format).
 HEADLINES = {
@@ -101,19 +108,91 @@ def headlines(stems: list[str]) -> str:
                      + [line(r) for r in rows])
 
 
+# ---- the student edition ---------------------------------------------------------------------------------------
+_MARKER = re.compile(r"^(?P<indent>[ \t]*)###[ \t]*(?P<which>BEGIN|END) SOLUTION[ \t]*$")
+_DEF = re.compile(r"^(?P<indent>[ \t]*)(?:async[ \t]+)?def[ \t]+(?P<name>\w+)")
+
+
+def strip_solutions(source: str) -> tuple[str, int]:
+    """Replace each ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region of a code cell (marker
+    lines included) with a stub at the BEGIN marker's indentation. Returns (source, regions);
+    ValueError, naming the line, for a marker without its partner."""
+    lines, out, regions = source.split("\n"), [], 0
+    begin = None  # (line number, indentation) of an open region
+    for number, line in enumerate(lines, 1):
+        m = _MARKER.match(line)
+        if m and m["which"] == "BEGIN":
+            if begin:
+                raise ValueError(f"line {number}: '### BEGIN SOLUTION' inside the solution opened on line {begin[0]}")
+            begin = (number, m["indent"])
+            indent = m["indent"]
+            # the exercise's name: the nearest def above, less indented than the marker
+            name = next((d["name"] for prev in reversed(out) if (d := _DEF.match(prev))
+                         and len(d["indent"]) < len(indent)), None)
+            out += [f"{indent}# your code here",
+                    f'{indent}raise NotImplementedError("exercise: {name or "fill in this part"}")']
+        elif m:
+            if not begin:
+                raise ValueError(f"line {number}: '### END SOLUTION' without a '### BEGIN SOLUTION' before it")
+            begin, regions = None, regions + 1
+        elif not begin:
+            out.append(line)
+    if begin:
+        raise ValueError(f"line {begin[0]}: '### BEGIN SOLUTION' without a matching '### END SOLUTION'")
+    return "\n".join(out), regions
+
+
+def student_edition(path: Path, out_dir: Path) -> tuple[Path, int]:
+    """Write ``path``'s student edition to ``out_dir``: solutions stubbed, outputs cleared.
+    Returns (written path, number of exercises)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    total = 0
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        try:
+            cell.source, n = strip_solutions(cell.source)
+        except ValueError as e:
+            first = cell.source.strip().split("\n")[0][:60]
+            raise ValueError(f"{path.name}, cell {i} ({first!r}): {e}") from None
+        total += n
+        cell.outputs, cell.execution_count = [], None
+        cell.metadata.pop("execution", None)  # nbclient's timestamps
+    nb.metadata.pop("widgets", None)  # widget state belongs to the cleared outputs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / path.name
+    nbformat.write(nb, out)
+    return out, total
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m labutils.book")
-    ap.add_argument("command", choices=["run", "headlines"])
+    ap.add_argument("command", choices=["run", "headlines", "student"])
     ap.add_argument("--only", default="", help="comma-separated notebook prefixes, e.g. 00,01")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     ap.add_argument("--deadline", type=int, default=0,
                     help="seconds for the whole run (0: none); a cell still running then is stopped and the "
                          "partial notebook written to build/notebooks/")
+    ap.add_argument("--out", type=Path, default=STUDENT, help="student: where to write (default build/student)")
     args = ap.parse_args(argv)
     only = [o for o in args.only.split(",") if o]
     paths = notebooks(only)
     if not paths:
         sys.exit(f"no notebooks match {only!r} in {NOTEBOOKS}")
+    if args.command == "student":
+        for path in paths:
+            out, n = student_edition(path, args.out)
+            print(f"{_shown(out)}: {n} exercise{'' if n == 1 else 's'} stubbed, outputs cleared")
+        return
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     failed = []
     deadline = time.time() + args.deadline if args.deadline else None

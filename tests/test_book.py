@@ -1,9 +1,11 @@
-"""The book runner: a notebook stopped by the run's deadline is written, partially, to build/."""
+"""The book runner: a notebook stopped by the run's deadline is written, partially, to build/; the
+student edition stubs solutions and clears outputs."""
 from __future__ import annotations
 
 import time
 
 import nbformat
+import pytest
 
 from labutils import book
 
@@ -23,3 +25,96 @@ def test_deadline_stops_a_cell_and_keeps_the_outputs(tmp_path, monkeypatch):
     done = nbformat.read(out, as_version=4)
     assert "first cell ran" in done.cells[0].outputs[0]["text"]
     assert not done.cells[2].get("outputs"), "a cell after the stopped one ran"
+
+
+# ---- the student edition ------------------------------------------------------------------------------------
+SOLVED = '''import math
+
+
+def expected_tokens(a, k):
+    """Tokens per target pass."""
+    if a == 1:
+        ### BEGIN SOLUTION
+        return k + 1
+        ### END SOLUTION
+    ### BEGIN SOLUTION
+    return (1 - a ** (k + 1)) / (1 - a)
+    ### END SOLUTION
+
+
+print(expected_tokens(0.5, 3))'''
+
+STUBBED = '''import math
+
+
+def expected_tokens(a, k):
+    """Tokens per target pass."""
+    if a == 1:
+        # your code here
+        raise NotImplementedError("exercise: expected_tokens")
+    # your code here
+    raise NotImplementedError("exercise: expected_tokens")
+
+
+print(expected_tokens(0.5, 3))'''
+
+
+def _write_notebook(path, *sources):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# 99 · A chapter\n### BEGIN SOLUTION (in prose: left alone)")]
+    for i, src in enumerate(sources):
+        cell = nbformat.v4.new_code_cell(src, execution_count=i + 1)
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="1.875\n")]
+        cell.metadata["execution"] = {"iopub.status.busy": "2026-01-01T00:00:00Z"}
+        nb.cells.append(cell)
+    nbformat.write(nb, path)
+    return path
+
+
+def test_student_edition_stubs_solutions_and_clears_outputs(tmp_path, capsys):
+    src = _write_notebook(tmp_path / "99_chapter.ipynb", SOLVED, "x = 1  # no exercise here\nprint(x)")
+    out, n = book.student_edition(src, tmp_path / "student")
+    assert out == tmp_path / "student" / "99_chapter.ipynb" and n == 2
+    nb = nbformat.read(out, as_version=4)
+    assert nb.cells[0].source == "# 99 · A chapter\n### BEGIN SOLUTION (in prose: left alone)"
+    assert nb.cells[1].source == STUBBED
+    assert nb.cells[2].source == "x = 1  # no exercise here\nprint(x)"
+    for cell in nb.cells[1:]:
+        assert cell.outputs == [] and cell.execution_count is None and "execution" not in cell.metadata
+    original = nbformat.read(src, as_version=4)
+    assert original.cells[1].source == SOLVED and original.cells[1].outputs, "the source notebook was changed"
+    stub_ns = {}
+    exec(nb.cells[1].source.rsplit("\n\n\n", 1)[0], stub_ns)  # the stubbed cell, without its print
+    with pytest.raises(NotImplementedError, match="exercise: expected_tokens"):
+        stub_ns["expected_tokens"](0.5, 3)
+
+
+def test_strip_solutions_top_level_and_counts():
+    text, n = book.strip_solutions("x = 1\n### BEGIN SOLUTION\ny = 2\n### END SOLUTION\n")
+    assert n == 1 and text == 'x = 1\n# your code here\nraise NotImplementedError("exercise: fill in this part")\n'
+    assert book.strip_solutions("print('no markers')") == ("print('no markers')", 0)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def f():\n    ### BEGIN SOLUTION\n    return 1\n", "line 2: '### BEGIN SOLUTION' without a matching"),
+    ("def f():\n    return 1\n    ### END SOLUTION\n", "line 3: '### END SOLUTION' without a"),
+    ("### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION\n", "line 2: '### BEGIN SOLUTION' inside"),
+])
+def test_unbalanced_markers_name_the_notebook_and_cell(tmp_path, source, message):
+    src = _write_notebook(tmp_path / "98_broken.ipynb", "x = 1", source)
+    with pytest.raises(ValueError) as e:
+        book.student_edition(src, tmp_path / "student")
+    assert "98_broken.ipynb, cell 2" in str(e.value) and message in str(e.value), str(e.value)
+    assert not (tmp_path / "student" / "98_broken.ipynb").exists()
+
+
+def test_student_command(tmp_path, monkeypatch, capsys):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    _write_notebook(notebooks / "05_spec.ipynb", SOLVED)
+    _write_notebook(notebooks / "06_serve.ipynb", "print(1)")
+    monkeypatch.setattr(book, "NOTEBOOKS", notebooks)
+    book.main(["student", "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "05_spec.ipynb: 2 exercises stubbed" in printed and "06_serve.ipynb: 0 exercises stubbed" in printed
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["05_spec.ipynb", "06_serve.ipynb"]
