@@ -16,6 +16,7 @@ Names: B batch, T new tokens, S key positions, n_head, n_kv_head, head_dim, d (h
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -205,6 +206,18 @@ class Decoder(nn.Module):
             layer.self_attn.kv_cache = cache
         return self
 
+    @contextlib.contextmanager
+    def kv_caches_attached(self, caches):
+        """Seam 2, scoped: ``with model.kv_caches_attached(caches): ...`` attaches the caches for the
+        block and then puts back whatever was attached before (nothing, or another user's caches, as
+        when a model drafts for itself)."""
+        before = [layer.self_attn.kv_cache for layer in self.layers]
+        self.set_kv_caches(caches)
+        try:
+            yield self
+        finally:
+            self.set_kv_caches(before)
+
     def swap_linears(self, make) -> "Decoder":
         """Seam 3: replace every nn.Linear by ``make(name, linear)`` (e.g. a quantized module).
 
@@ -243,10 +256,14 @@ class Decoder(nn.Module):
         return self
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False):
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
+                return_hidden: bool = False):
         """idx (B, T) token ids at positions input_pos ((T,) or (B, T); default 0 .. T-1) -> logits.
 
         Returns (B, T, vocab), or (B, 1, vocab) for the last position only when ``last_only``.
+        ``return_hidden``: also the final hidden states, after the last norm (what the lm_head reads),
+        as ``(logits, hidden)`` with hidden (B, T or 1, d): the features a draft head learns from
+        (notebook 05).
         """
         B, T = idx.shape
         if input_pos is None:
@@ -257,7 +274,9 @@ class Decoder(nn.Module):
             x = layer(x, cos, sin, input_pos, self.attn_fn)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+        h = self.norm(x)  # (B, T, d)
+        logits = self.lm_head(h)  # (B, T, vocab)
+        return (logits, h) if return_hidden else logits
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod

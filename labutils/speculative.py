@@ -1,0 +1,393 @@
+"""Speculative decoding on the lab decoder (notebook 05).
+
+At batch 1 a decode step reads every weight to emit one token, and scoring k + 1 tokens in the
+same pass costs little more: the matmuls stay bandwidth-bound. A cheap **drafter** proposes k
+tokens; the **target** scores all k + 1 positions in one forward with its KV cache; a rejection
+rule keeps a prefix of the drafts and adds one token of its own, so that every emitted token
+follows *exactly* the target's distribution (Leviathan et al. 2023; Chen et al. 2023):
+
+- draft token d_i, drawn from the drafter's q_i, is accepted with probability min(1, p_i(d_i) / q_i(d_i));
+- at the first rejection the target's token is drawn from norm(max(0, p_i - q_i)) and the round ends;
+- if all k pass, a bonus token is drawn from p_k, the target's distribution after the last draft.
+
+Greedy decoding is the special case where p and q are one-hot: a draft is kept iff it is the
+target's argmax, and the extra token is the target's argmax at the first mismatch.
+
+Rolling back rejected drafts costs nothing in a static KV cache: their keys and values sit at
+positions past the new end, no query attends to them (causal mask), and the next round writes
+over them before any query could.
+
+The drafter contract (n-gram lookup, a separate small model, a draft head on the target's features)::
+
+    drafter.reset(max_len, device)     a new sequence of at most max_len positions begins
+    drafter.propose(state, k) -> (draft, q)
+      state:  SpecState: the committed tokens (the last one not yet scored by the target), the
+              target's hidden states (for drafters with ``needs_hidden``), the sampling settings
+      draft:  (m,) int64, 0 <= m <= k proposed tokens, on the target's device
+      q:      (m, vocab) the distributions they were drawn from (after ``sampling_probs`` with the
+              same temperature and top-p as the target), or None for a deterministic proposal
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .kv_cache import static_caches
+
+
+# ---- sampling: one definition for target and drafters ---------------------------------------------
+def sampling_probs(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution a token is drawn from, (..., vocab) float32: one-hot argmax when
+    ``temperature == 0`` (greedy); else softmax(logits / temperature), cut to the smallest set of
+    most likely tokens whose mass reaches ``top_p`` and renormalized."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    logits = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)  # the first token always stays
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs (..., vocab) -> (...,) int64, without a host sync: the index of
+    max(p_i / E_i) with E_i ~ Exp(1) is distributed as p (an exponential race)."""
+    e = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-20)  # e = 0 would give 0/0
+    return (probs / e).argmax(dim=-1)
+
+
+def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, draft: torch.Tensor,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rejection rule. p (m + 1, vocab): the target's distributions at the m + 1 verified
+    positions; q (m, vocab) the drafter's (None: deterministic drafts, q one-hot); draft (m,).
+
+    Returns (n, token): the number of leading drafts accepted (0-d int64) and the token the target
+    adds after them (0-d int64), both on the device (no host sync)."""
+    m = draft.shape[0]
+    p_d = p[:m].gather(1, draft[:, None]).squeeze(1)  # p_i(d_i)
+    q_d = torch.ones_like(p_d) if q is None else q.gather(1, draft[:, None]).squeeze(1)  # q_i(d_i)
+    u = torch.rand(m, device=p.device, generator=generator)
+    accepted = u * q_d < p_d  # u < p/q: accept with probability min(1, p/q)
+    n = accepted.long().cumprod(0).sum()  # leading accepts
+    if q is None:  # q one-hot at the drafts
+        q = torch.zeros_like(p[:m]).scatter_(1, draft[:, None], 1.0)
+    q_pad = torch.cat([q, torch.zeros_like(p[:1])])  # row m is zero: the residual there is p_m (bonus)
+    residual = (p[n] - q_pad[n]).clamp_min(0.0)  # norm(max(0, p_n - q_n)) at the first rejection
+    total = residual.sum()
+    residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p[n])  # p == q: nothing to fix
+    return n, sample(residual, generator)
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Tokens emitted per target pass with k drafts, each accepted with probability a independently
+    of the others: 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)."""
+    return float(k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+
+
+def predicted_speedup(a: float, k: int, draft_cost: float, verify_cost: float = 1.0) -> float:
+    """Wall-time speedup over plain decoding: tokens per round / (cost of a round in target steps),
+    a round being k draft steps of ``draft_cost`` each and one verification of k + 1 tokens costing
+    ``verify_cost`` target steps (1.0 if verifying k + 1 tokens cost the same as one)."""
+    return expected_tokens(a, k) / (k * draft_cost + verify_cost)
+
+
+# ---- the committed state a drafter sees -------------------------------------------------------------
+@dataclass
+class SpecState:
+    tokens: list[int]  # committed tokens, prompt included; the last one not yet scored by the target
+    hidden: torch.Tensor | None  # (max_len, d): target's final hidden state at positions < len(tokens) - 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class SpecStats:
+    rounds: int = 0
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens accepted
+    examined: int = 0  # draft tokens the rule looked at (those after the first rejection are not)
+    emitted: int = 0  # tokens emitted (accepted + one per round)
+    accepted_per_round: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance(self) -> float:
+        """Per-token acceptance rate a: accepted / examined (the estimate of a in (1 - a^(k+1)) / (1 - a))."""
+        return self.accepted / self.examined if self.examined else float("nan")
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.emitted / self.rounds if self.rounds else float("nan")
+
+
+# ---- drafters -------------------------------------------------------------------------------------
+class NGramDrafter:
+    """Prompt lookup (as HF's ``prompt_lookup_num_tokens``): find the most recent earlier place where
+    the last n tokens occurred (n from ``max_ngram`` down to ``min_ngram``) and propose the tokens
+    that followed it. No model: free to run, good where the output copies its input."""
+
+    needs_hidden = False
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.name = f"ngram{max_ngram}"
+        self.device = None
+
+    def reset(self, max_len: int, device=None):
+        self.device = device
+
+    @staticmethod
+    def lookup(tokens: np.ndarray, k: int, n: int) -> np.ndarray:
+        """Up to k tokens that followed the most recent earlier occurrence of tokens[-n:]."""
+        L = len(tokens)
+        if L <= n or k < 1:
+            return tokens[:0]
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[: L - 1], n)  # starts 0 .. L-1-n
+        hits = np.flatnonzero((windows == tokens[L - n:]).all(axis=1))  # earlier places (suffix excluded)
+        if not len(hits):
+            return tokens[:0]
+        start = hits[-1] + n  # the most recent match wins
+        return tokens[start : start + k]
+
+    def propose(self, state: SpecState, k: int):
+        toks = np.asarray(state.tokens, dtype=np.int64)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            found = self.lookup(toks, k, n)
+            if len(found):
+                return torch.as_tensor(found, device=self.device), None
+        return torch.empty(0, dtype=torch.long, device=self.device), None
+
+
+class _Graphed:
+    """``fn(*buffers)`` captured once in a CUDA graph and replayed on new contents of its static
+    input buffers (outputs are static tensors too: read or clone them before the next replay)."""
+
+    def __init__(self, fn, *buffers):
+        self.fn, self.buffers = fn, buffers
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (lazy init, autotuning)
+            for _ in range(2):
+                fn(*buffers)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn(*buffers)
+
+    def __call__(self, *values):
+        for buf, v in zip(self.buffers, values):
+            buf.copy_(v)
+        self.graph.replay()
+        return self.out
+
+
+class ModelDrafter:
+    """A separate small model (a lab Decoder sharing the target's tokenizer) drafts autoregressively
+    with its own static KV cache. It remembers which tokens its cache holds and, each round, feeds
+    only those it lacks: the last committed token, and the last draft if all drafts were accepted."""
+
+    needs_hidden = False
+
+    def __init__(self, model, name: str = "draft model", graph: bool = False):
+        self.model, self.name, self.graph = model, name, graph
+        self.caches, self.fed, self._graphs = None, [], {}
+
+    def reset(self, max_len: int, device=None):
+        if self.caches is None or self.caches[0].max_seq_len < max_len:
+            self.caches, self._graphs = static_caches(self.model, 1, max_len), {}
+        self.fed = []  # tokens in the cache, by position
+
+    def _forward(self, idx, pos):
+        with self.model.kv_caches_attached(self.caches):
+            return self.model(idx, pos, last_only=True)[0, -1]  # (vocab,)
+
+    def _draft_loop(self, first_idx, first_pos, k, temperature, top_p, generator):
+        """Feed first_idx (1, T) at first_pos, then draw k tokens, each fed back at the next position."""
+        logits = self._forward(first_idx, first_pos)
+        drafts, qs = [], []
+        pos = first_pos[-1:]
+        for i in range(k):
+            probs = sampling_probs(logits, temperature, top_p)
+            tok = sample(probs, generator)
+            drafts.append(tok)
+            qs.append(probs)
+            if i < k - 1:
+                pos = pos + 1
+                logits = self._forward(tok.view(1, 1), pos)
+        return torch.stack(drafts), torch.stack(qs)
+
+    @torch.no_grad()
+    def propose(self, state: SpecState, k: int):
+        tokens, L = state.tokens, len(state.tokens)
+        dev = self.model.device
+        if k < 1:
+            return torch.empty(0, dtype=torch.long, device=dev), None
+        start = 0  # the first position whose token the cache does not hold
+        for a, b in zip(self.fed, tokens):
+            if a != b:
+                break
+            start += 1
+        start = min(start, L - 1)  # the last committed token is always fed: it yields the first draft
+        if self.graph and start >= L - 2 and L >= 2:  # a fixed shape: the last two tokens (one may be re-fed)
+            key = (k, state.temperature, state.top_p)
+            if key not in self._graphs:
+                idx_buf = torch.zeros(1, 2, dtype=torch.long, device=dev)
+                pos_buf = torch.tensor([L - 2, L - 1], device=dev)
+                self._graphs[key] = _Graphed(
+                    lambda i, p: self._draft_loop(i, p, k, state.temperature, state.top_p, None), idx_buf, pos_buf)
+            draft, q = self._graphs[key](torch.tensor([tokens[L - 2:]], device=dev),
+                                         torch.tensor([L - 2, L - 1], device=dev))
+            draft, q = draft.clone(), q.clone()
+        else:
+            idx = torch.tensor([tokens[start:]], device=dev)
+            draft, q = self._draft_loop(idx, torch.arange(start, L, device=dev), k,
+                                        state.temperature, state.top_p, state.generator)
+        self.fed = list(tokens) + draft[: k - 1].tolist()
+        return draft, (None if state.temperature == 0 else q)
+
+
+# ---- the speculative decoder ---------------------------------------------------------------------
+class SpeculativeDecoder:
+    """Target + drafter, batch 1. ``generate`` is the whole algorithm; ``graph=True`` (GPU) replays
+    the target's verification forward from a CUDA graph per draft length.
+
+    ``accept``: the rejection rule (``accept_drafts``); replaceable so that a wrong rule can be shown
+    to fail the distribution test (notebook 05)."""
+
+    def __init__(self, target, drafter, k: int = 4, temperature: float = 0.0, top_p: float = 1.0,
+                 graph: bool = False, accept=accept_drafts, generator: torch.Generator | None = None):
+        if k < 1:
+            raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}")
+        if graph and target.device.type != "cuda":
+            raise RuntimeError("graph=True captures CUDA graphs and needs a GPU")
+        self.target, self.drafter, self.k = target, drafter, k
+        self.temperature, self.top_p = temperature, top_p
+        sampling_probs(torch.zeros(1), temperature, top_p)  # validates the settings
+        self.graph, self.accept, self.generator = graph, accept, generator
+        self.caches, self.hidden, self._graphs = None, None, {}
+        self.stats = SpecStats()
+
+    def _alloc(self, max_len: int):
+        if self.caches is None or self.caches[0].max_seq_len < max_len:
+            self.caches = static_caches(self.target, 1, max_len)
+            self._graphs = {}
+            if getattr(self.drafter, "needs_hidden", False):
+                self.hidden = torch.zeros(max_len, self.target.cfg.hidden_size, dtype=self.target.dtype,
+                                          device=self.target.device)
+
+    def _forward(self, idx, pos):
+        """Target logits and hidden states (T, vocab), (T, d) for idx (1, T) at positions pos (T,)."""
+        logits, h = self.target(idx, pos, return_hidden=True)
+        return logits[0], h[0]
+
+    def _verify(self, idx, pos):
+        if not self.graph:
+            return self._forward(idx, pos)
+        T = idx.shape[1]
+        if T not in self._graphs:
+            self._graphs[T] = _Graphed(self._forward, torch.zeros_like(idx), pos.clone())
+        return self._graphs[T](idx, pos)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Continue idx (1, T) by up to max_new_tokens tokens (fewer if ``eos_id`` appears): (1, T + n)."""
+        if idx.dim() != 2 or idx.shape[0] != 1:
+            raise ValueError(f"speculative decoding here is batch 1: idx must be (1, T), got {tuple(idx.shape)}")
+        if idx.shape[1] < 1:
+            raise ValueError("the prompt must hold at least one token")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return idx.clone()
+        T, k = idx.shape[1], self.k
+        max_len = T + max_new_tokens + k + 1  # the last round may verify k tokens past the end
+        if max_len > self.target.cfg.max_seq_len:
+            raise ValueError(f"{T} prompt + {max_new_tokens} new tokens (+ {k + 1} of verification room) exceed "
+                             f"the model's context of {self.target.cfg.max_seq_len}")
+        dev = self.target.device
+        self._alloc(max_len)
+        self.drafter.reset(max_len, dev)
+        self.stats = SpecStats()
+        state = SpecState(idx[0].tolist(), self.hidden, self.temperature, self.top_p, self.generator)
+        with self.target.kv_caches_attached(self.caches):  # attached for this call only
+            # prefill: the prompt fills the cache; the target's first token comes from its last position
+            logits, h = self._forward(idx, torch.arange(T, device=dev))
+            if self.hidden is not None:
+                self.hidden[:T] = h
+            first = sample(sampling_probs(logits[-1], self.temperature, self.top_p), self.generator)
+            state.tokens.append(int(first))
+            new = 1
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=max_new_tokens, desc=f"speculative ({self.drafter.name}, k={k})")
+            while new < max_new_tokens and not (eos_id is not None and state.tokens[-1] == eos_id):
+                L = len(state.tokens)  # the last token, at position L - 1, is not in the cache yet
+                draft, q = self.drafter.propose(state, min(k, max_new_tokens - new))
+                draft = draft[: max_new_tokens - new]
+                q = None if q is None else q[: len(draft)]
+                m = draft.shape[0]
+                # verify: the last committed token and the m drafts, positions L-1 .. L-1+m, one forward
+                verify_idx = torch.cat([torch.tensor([state.tokens[-1]], device=dev), draft])[None]
+                logits, h = self._verify(verify_idx, torch.arange(L - 1, L + m, device=dev))
+                p = sampling_probs(logits, self.temperature, self.top_p)  # (m + 1, vocab)
+                n, extra = self.accept(p, q, draft, self.generator)
+                if self.hidden is not None:
+                    self.hidden[L - 1 : L + m] = h  # rows past the accepted ones are overwritten later
+                n = int(n)  # the one host sync of a round
+                out = draft[:n].tolist() + [int(extra)]
+                if eos_id is not None and eos_id in out:
+                    out = out[: out.index(eos_id) + 1]
+                out = out[: max_new_tokens - new]
+                state.tokens.extend(out)
+                new += len(out)
+                s = self.stats
+                s.rounds += 1
+                s.drafted += m
+                s.accepted += n
+                s.examined += n + (1 if n < m else 0)
+                s.emitted += len(out)
+                s.accepted_per_round.append(n)
+                if bar is not None:
+                    bar.update(len(out))
+            if bar is not None:
+                bar.close()
+        return torch.tensor([state.tokens], device=idx.device)
+
+    @torch.no_grad()
+    def decode_tok_s(self, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> float:
+        """Tokens/s of ``generate(idx, n)`` after one warm-up call (prefill included in both this and
+        the baseline it is compared with: ``plain_tok_s``); best of ``repeats``."""
+        return _best_tok_s(lambda: self.generate(idx, n), n, repeats, idx.is_cuda)
+
+
+def _best_tok_s(fn, n, repeats, cuda):
+    best = float("inf")
+    for r in range(repeats + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        if r:
+            best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+@torch.no_grad()
+def plain_tok_s(engine, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> float:
+    """Tokens/s of a plain ``DecodeEngine.generate(idx, n)`` (prefill included, as for speculation)."""
+    return _best_tok_s(lambda: engine.generate(idx, n), n, repeats, idx.is_cuda)
