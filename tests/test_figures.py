@@ -1,0 +1,107 @@
+"""figures.show: one output with the plotly JSON and a small static PNG drawn by matplotlib."""
+from __future__ import annotations
+
+import base64
+import io
+import sys
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import pytest
+from PIL import Image
+
+from labutils import figures
+from labutils.figures import PLOTLY_MIME, figure_bundle
+
+MAX_PNG_BYTES = 60_000
+
+
+def _png(bundle) -> tuple[Image.Image, int]:
+    raw = base64.b64decode(bundle["image/png"])
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    return Image.open(io.BytesIO(raw)).convert("RGB"), len(raw)
+
+
+def _has_colour(img: Image.Image, hex_colour: str, tol: int = 24, min_pixels: int = 50) -> bool:
+    """Whether the image holds at least min_pixels pixels close to hex_colour (a drawn trace)."""
+    target = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    close = np.abs(np.asarray(img, dtype=int) - target).max(axis=-1) <= tol
+    return int(close.sum()) >= min_pixels
+
+
+def _check_bundle(fig, title: str | None, size: tuple[int, int]):
+    bundle = figure_bundle(fig)
+    assert set(bundle) == {PLOTLY_MIME, "image/png", "text/plain"}
+    assert bundle[PLOTLY_MIME]["data"] and "layout" in bundle[PLOTLY_MIME]
+    assert bundle["text/plain"] == (f"<Figure: {title}>" if title else "<Figure>")
+    img, nbytes = _png(bundle)
+    assert img.size == size, img.size
+    assert nbytes < MAX_PNG_BYTES, f"PNG of {nbytes:,} bytes"
+    return img
+
+
+def test_scatter_log_axes_and_vline():
+    b = np.array([1, 2, 4, 8, 16, 32, 64, 128, 256])
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=b, y=150.0 * b, mode="lines+markers", name="measured",
+                             error_y={"type": "data", "array": 10.0 * b}))
+    fig.add_trace(go.Scatter(x=b, y=np.minimum(180.0 * b, 9000), mode="lines", name="roofline", line_dash="dash"))
+    fig.update_xaxes(type="log", title="batch size")
+    fig.update_yaxes(type="log", title="tokens/s")
+    fig.add_vline(x=64, line_dash="dot", annotation_text="ridge")
+    fig.update_layout(title="Decode <b>throughput</b> vs batch", height=420)
+    img = _check_bundle(fig, "Decode throughput vs batch", (720, 420))
+    assert _has_colour(img, "#636efa") and _has_colour(img, "#EF553B"), "a trace was not drawn"
+
+
+def test_horizontal_bar_with_text_and_category_order():
+    df = pd.DataFrame({"method": ["HF generate", "lab eager", "lab compile"], "tok/s": [41.5, 60.2, 179.1]})
+    fig = px.bar(df, x="tok/s", y="method", orientation="h", text_auto=".0f", title="Batch-1 decode")
+    fig.add_vline(x=213, line_dash="dash", annotation_text="roofline")
+    fig.update_layout(height=380, yaxis={"categoryorder": "total ascending"})
+    img = _check_bundle(fig, "Batch-1 decode", (720, 380))
+    assert _has_colour(img, "#636efa", min_pixels=2000), "the bars were not drawn"
+
+
+def test_px_line_with_colour_groups_and_facets():
+    df = pd.DataFrame({"N": [512, 1024, 2048] * 4, "TFLOP/s": np.arange(12.0) + 1,
+                       "kernel": (["triton"] * 3 + ["cudnn"] * 3) * 2, "head_dim": [64] * 6 + [128] * 6})
+    line = px.line(df[df.head_dim == 64], x="N", y="TFLOP/s", color="kernel", markers=True, log_x=True)
+    img = _check_bundle(line, None, (720, 405))
+    assert _has_colour(img, "#636efa") and _has_colour(img, "#EF553B")
+    facets = px.line(df, x="N", y="TFLOP/s", color="kernel", facet_col="head_dim", log_x=True, title="fwd")
+    _check_bundle(facets, "fwd", (720, 405))
+
+
+def test_grouped_bars_heatmap_and_subplots_render():
+    df = pd.DataFrame({"fmt": ["bf16", "int8"] * 2, "layer": ["qkv", "qkv", "down", "down"], "us": [10, 6.5, 30, 20]})
+    _check_bundle(px.bar(df, x="fmt", y="us", color="layer", barmode="group", text_auto=".1f"), None, (720, 405))
+    _check_bundle(go.Figure(go.Heatmap(z=np.arange(12.0).reshape(3, 4))), None, (720, 405))
+    _check_bundle(px.scatter(df, x="fmt", y="us", color="layer", facet_row="layer"), None, (720, 405))
+
+
+@pytest.mark.parametrize("trace", [go.Pie(values=[1, 2, 3]), go.Box(y=[1, 2, 3, 9]), go.Scatter3d(x=[1], y=[2], z=[3])],
+                         ids=["pie", "box", "scatter3d"])
+def test_unknown_trace_type_does_not_raise(trace):
+    fig = go.Figure([trace, go.Scatter(x=[1, 2, 3], y=[3, 1, 2], name="drawn")])
+    bundle = figure_bundle(fig)
+    assert "no static image" not in bundle["text/plain"]
+    _png(bundle)
+
+
+def test_without_matplotlib_the_bundle_has_plotly_json_and_a_note(monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    bundle = figure_bundle(go.Figure(go.Scatter(y=[1, 2]), layout={"title": "t"}))
+    assert set(bundle) == {PLOTLY_MIME, "text/plain"}
+    assert bundle["text/plain"] == "<Figure: t> (no static image: matplotlib is not installed)"
+
+
+def test_show_displays_one_raw_bundle(monkeypatch):
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append((obj, raw)))
+    figures.show(go.Figure(go.Bar(x=["a", "b"], y=[1, 2])))
+    assert len(shown) == 1 and shown[0][1] is True and "image/png" in shown[0][0]
