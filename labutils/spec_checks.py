@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .speculative import accept_drafts, sample
+from .speculative import accept_drafts, row, sample
 
 
 def chisquare(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> dict:
@@ -57,7 +57,7 @@ def resample_from_p(p, q, draft, generator=None):
     q_d = torch.ones_like(p_d) if q is None else q.gather(1, draft[:, None]).squeeze(1)
     u = torch.rand(m, device=p.device, generator=generator)
     n = (u * q_d < p_d).long().cumprod(0).sum()
-    return n, sample(p[n], generator)
+    return n, sample(row(p, n), generator)
 
 
 def random_chain(V: int, sharpness: float, generator: torch.Generator) -> torch.Tensor:

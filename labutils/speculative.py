@@ -81,10 +81,16 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, draft: torch.Tensor,
     if q is None:  # q one-hot at the drafts
         q = torch.zeros_like(p[:m]).scatter_(1, draft[:, None], 1.0)
     q_pad = torch.cat([q, torch.zeros_like(p[:1])])  # row m is zero: the residual there is p_m (bonus)
-    residual = (p[n] - q_pad[n]).clamp_min(0.0)  # norm(max(0, p_n - q_n)) at the first rejection
+    p_n, q_n = row(p, n), row(q_pad, n)  # the first rejected position (or the bonus position m)
+    residual = (p_n - q_n).clamp_min(0.0)  # norm(max(0, p_n - q_n))
     total = residual.sum()
-    residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p[n])  # p == q: nothing to fix
+    residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p_n)  # p == q: nothing to fix
     return n, sample(residual, generator)
+
+
+def row(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """x[i] for a 0-d index tensor on the device, without the host sync that x[i] would make."""
+    return x.index_select(0, i.reshape(1))[0]
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -169,6 +175,25 @@ class NGramDrafter:
         return torch.empty(0, dtype=torch.long, device=self.device), None
 
 
+    def propose_device(self, toks: torch.Tensor, L: torch.Tensor, k: int, temperature: float = 0.0,
+                       top_p: float = 1.0):
+        """The same lookup in tensors, for a round that never leaves the GPU: toks (capacity,) holds
+        the committed tokens at positions < L (a (1,) tensor). Always k drafts: where fewer than k
+        tokens follow the match, or nothing matches, the last token is repeated (a wrong guess costs
+        only the verification of positions that were going to be verified anyway)."""
+        cap = toks.shape[0]
+        start = torch.full_like(L, -1)  # where the proposed continuation starts
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):  # longer matches first
+            suffix = toks.index_select(0, (L - n + torch.arange(n, device=toks.device)).clamp_min(0))  # (n,)
+            s = torch.arange(cap - n + 1, device=toks.device)  # window starts
+            hit = (toks.unfold(0, n, 1) == suffix).all(1) & (s < L - n)  # earlier occurrences only
+            last = torch.where(hit, s, -1).max()
+            start = torch.where((start < 0) & (last >= 0), last + n, start)
+        follow = start + torch.arange(k, device=toks.device)
+        follow = torch.where((start >= 0) & (follow < L), follow, L - 1)
+        return toks.index_select(0, follow), None
+
+
 class _Graphed:
     """``fn(*buffers)`` captured once in a CUDA graph and replayed on new contents of its static
     input buffers (outputs are static tensors too: read or clone them before the next replay)."""
@@ -227,6 +252,14 @@ class ModelDrafter:
                 logits = self._forward(tok.view(1, 1), pos)
         return torch.stack(drafts), torch.stack(qs)
 
+    def propose_device(self, toks, L, k, temperature=0.0, top_p=1.0):
+        """For an on-device round: feed the last two committed tokens (the first may be re-fed: its
+        cache entry is rewritten with the same values) and draft k. Needs the cache valid below
+        position L - 2, which a first ``propose`` round after the prompt guarantees."""
+        pos = L - 2 + torch.arange(2, device=toks.device)
+        draft, q = self._draft_loop(toks.index_select(0, pos)[None], pos, k, temperature, top_p, None)
+        return draft, (None if temperature == 0 else q)
+
     @torch.no_grad()
     def propose(self, state: SpecState, k: int):
         tokens, L = state.tokens, len(state.tokens)
@@ -259,8 +292,13 @@ class ModelDrafter:
 
 # ---- the speculative decoder ---------------------------------------------------------------------
 class SpeculativeDecoder:
-    """Target + drafter, batch 1. ``generate`` is the whole algorithm; ``graph=True`` (GPU) replays
-    the target's verification forward from a CUDA graph per draft length.
+    """Target + drafter, batch 1.
+
+    ``generate`` is the algorithm as written above, one round at a time from Python: any drafter,
+    drafts of any length up to k, one host sync per round. ``generate_on_device`` runs the same
+    rounds without leaving the GPU (for drafters with ``propose_device``: always k drafts, the
+    committed tokens and their count kept in device tensors); with ``graph=True`` each round is one
+    CUDA-graph replay, so launches and host syncs no longer eat the gain.
 
     ``accept``: the rejection rule (``accept_drafts``); replaceable so that a wrong rule can be shown
     to fail the distribution test (notebook 05)."""
@@ -278,13 +316,30 @@ class SpeculativeDecoder:
         self.caches, self.hidden, self._graphs = None, None, {}
         self.stats = SpecStats()
 
+    # ---- pieces shared by both loops -----------------------------------------------------------
+    def _check(self, idx, max_new_tokens):
+        if idx.dim() != 2 or idx.shape[0] != 1:
+            raise ValueError(f"speculative decoding here is batch 1: idx must be (1, T), got {tuple(idx.shape)}")
+        if idx.shape[1] < 1:
+            raise ValueError("the prompt must hold at least one token")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        max_len = idx.shape[1] + max_new_tokens + self.k + 1  # the last round may verify k tokens past the end
+        if max_len > self.target.cfg.max_seq_len:
+            raise ValueError(f"{idx.shape[1]} prompt + {max_new_tokens} new tokens (+ {self.k + 1} of verification "
+                             f"room) exceed the model's context of {self.target.cfg.max_seq_len}")
+        return max_len
+
     def _alloc(self, max_len: int):
         if self.caches is None or self.caches[0].max_seq_len < max_len:
+            dev = self.target.device
             self.caches = static_caches(self.target, 1, max_len)
             self._graphs = {}
+            self._toks = torch.zeros(max_len, dtype=torch.long, device=dev)  # on-device rounds: the tokens
+            self._L = torch.zeros(1, dtype=torch.long, device=dev)  # ... and how many are committed
+            self._counts = torch.zeros(3, dtype=torch.long, device=dev)  # rounds, accepted, rounds with all k
             if getattr(self.drafter, "needs_hidden", False):
-                self.hidden = torch.zeros(max_len, self.target.cfg.hidden_size, dtype=self.target.dtype,
-                                          device=self.target.device)
+                self.hidden = torch.zeros(max_len, self.target.cfg.hidden_size, dtype=self.target.dtype, device=dev)
 
     def _forward(self, idx, pos):
         """Target logits and hidden states (T, vocab), (T, d) for idx (1, T) at positions pos (T,)."""
@@ -299,78 +354,147 @@ class SpeculativeDecoder:
             self._graphs[T] = _Graphed(self._forward, torch.zeros_like(idx), pos.clone())
         return self._graphs[T](idx, pos)
 
+    def _start(self, idx, max_len) -> SpecState:
+        """Prefill: the prompt fills the target's cache; the first token comes from its last position."""
+        T, dev = idx.shape[1], self.target.device
+        self.drafter.reset(max_len, dev)
+        self.stats = SpecStats()
+        logits, h = self._forward(idx, torch.arange(T, device=dev))
+        if self.hidden is not None:
+            self.hidden[:T] = h
+        first = sample(sampling_probs(logits[-1], self.temperature, self.top_p), self.generator)
+        return SpecState(idx[0].tolist() + [int(first)], self.hidden, self.temperature, self.top_p, self.generator)
+
+    def _host_round(self, state: SpecState, k: int) -> list[int]:
+        """One round from Python: draft up to k, verify in one forward, accept; returns the new tokens."""
+        dev = self.target.device
+        L = len(state.tokens)  # the last token, at position L - 1, is not in the cache yet
+        draft, q = self.drafter.propose(state, k)
+        m = draft.shape[0]
+        # verify: the last committed token and the m drafts, positions L-1 .. L-1+m, one forward
+        verify_idx = torch.cat([torch.tensor([state.tokens[-1]], device=dev), draft])[None]
+        logits, h = self._verify(verify_idx, torch.arange(L - 1, L + m, device=dev))
+        p = sampling_probs(logits, self.temperature, self.top_p)  # (m + 1, vocab)
+        n, extra = self.accept(p, q, draft, self.generator)
+        if self.hidden is not None:
+            self.hidden[L - 1 : L + m] = h  # rows past the accepted ones are overwritten later
+        n = int(n)  # the one host sync of a round
+        s = self.stats
+        s.rounds, s.drafted, s.accepted = s.rounds + 1, s.drafted + m, s.accepted + n
+        s.examined += n + (1 if n < m else 0)
+        s.accepted_per_round.append(n)
+        return draft[:n].tolist() + [int(extra)]
+
+    @staticmethod
+    def _finish(tokens: list[int], T: int, max_new_tokens: int, eos_id) -> list[int]:
+        new = tokens[T : T + max_new_tokens]
+        if eos_id is not None and eos_id in new:
+            new = new[: new.index(eos_id) + 1]
+        return tokens[:T] + new
+
+    # ---- the algorithm, one round at a time ----------------------------------------------------
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
                  progress: bool = False) -> torch.Tensor:
         """Continue idx (1, T) by up to max_new_tokens tokens (fewer if ``eos_id`` appears): (1, T + n)."""
-        if idx.dim() != 2 or idx.shape[0] != 1:
-            raise ValueError(f"speculative decoding here is batch 1: idx must be (1, T), got {tuple(idx.shape)}")
-        if idx.shape[1] < 1:
-            raise ValueError("the prompt must hold at least one token")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        max_len = self._check(idx, max_new_tokens)
         if max_new_tokens == 0:
             return idx.clone()
-        T, k = idx.shape[1], self.k
-        max_len = T + max_new_tokens + k + 1  # the last round may verify k tokens past the end
-        if max_len > self.target.cfg.max_seq_len:
-            raise ValueError(f"{T} prompt + {max_new_tokens} new tokens (+ {k + 1} of verification room) exceed "
-                             f"the model's context of {self.target.cfg.max_seq_len}")
-        dev = self.target.device
+        T = idx.shape[1]
         self._alloc(max_len)
-        self.drafter.reset(max_len, dev)
-        self.stats = SpecStats()
-        state = SpecState(idx[0].tolist(), self.hidden, self.temperature, self.top_p, self.generator)
         with self.target.kv_caches_attached(self.caches):  # attached for this call only
-            # prefill: the prompt fills the cache; the target's first token comes from its last position
-            logits, h = self._forward(idx, torch.arange(T, device=dev))
-            if self.hidden is not None:
-                self.hidden[:T] = h
-            first = sample(sampling_probs(logits[-1], self.temperature, self.top_p), self.generator)
-            state.tokens.append(int(first))
-            new = 1
+            state = self._start(idx, max_len)
             bar = None
             if progress:
                 from tqdm.auto import tqdm
-                bar = tqdm(total=max_new_tokens, desc=f"speculative ({self.drafter.name}, k={k})")
-            while new < max_new_tokens and not (eos_id is not None and state.tokens[-1] == eos_id):
-                L = len(state.tokens)  # the last token, at position L - 1, is not in the cache yet
-                draft, q = self.drafter.propose(state, min(k, max_new_tokens - new))
-                draft = draft[: max_new_tokens - new]
-                q = None if q is None else q[: len(draft)]
-                m = draft.shape[0]
-                # verify: the last committed token and the m drafts, positions L-1 .. L-1+m, one forward
-                verify_idx = torch.cat([torch.tensor([state.tokens[-1]], device=dev), draft])[None]
-                logits, h = self._verify(verify_idx, torch.arange(L - 1, L + m, device=dev))
-                p = sampling_probs(logits, self.temperature, self.top_p)  # (m + 1, vocab)
-                n, extra = self.accept(p, q, draft, self.generator)
-                if self.hidden is not None:
-                    self.hidden[L - 1 : L + m] = h  # rows past the accepted ones are overwritten later
-                n = int(n)  # the one host sync of a round
-                out = draft[:n].tolist() + [int(extra)]
-                if eos_id is not None and eos_id in out:
-                    out = out[: out.index(eos_id) + 1]
-                out = out[: max_new_tokens - new]
+                bar = tqdm(total=max_new_tokens, desc=f"speculative ({self.drafter.name}, k={self.k})")
+            while len(state.tokens) - T < max_new_tokens and not (eos_id is not None and state.tokens[-1] == eos_id):
+                out = self._host_round(state, min(self.k, max_new_tokens - (len(state.tokens) - T)))
                 state.tokens.extend(out)
-                new += len(out)
-                s = self.stats
-                s.rounds += 1
-                s.drafted += m
-                s.accepted += n
-                s.examined += n + (1 if n < m else 0)
-                s.emitted += len(out)
-                s.accepted_per_round.append(n)
+                self.stats.emitted += len(out)
                 if bar is not None:
                     bar.update(len(out))
             if bar is not None:
                 bar.close()
-        return torch.tensor([state.tokens], device=idx.device)
+        return torch.tensor([self._finish(state.tokens, T, max_new_tokens, eos_id)], device=idx.device)
+
+    # ---- the same rounds, on the device ----------------------------------------------------------
+    def _device_round(self):
+        """One round in tensors only (capturable in a CUDA graph): draft k, verify k + 1 positions in
+        one forward, accept, commit the new tokens to ``_toks`` and advance ``_L``."""
+        toks, L, k = self._toks, self._L, self.k
+        j = torch.arange(k + 1, device=toks.device)
+        draft, q = self.drafter.propose_device(toks, L, k, self.temperature, self.top_p)
+        pos = L - 1 + j  # the last committed token, then the drafts
+        logits, h = self._forward(torch.cat([toks.index_select(0, L - 1), draft])[None], pos)
+        n, extra = self.accept(sampling_probs(logits, self.temperature, self.top_p), q, draft, None)
+        if self.hidden is not None:
+            self.hidden.index_copy_(0, pos, h)
+        # positions L .. L+n-1 get the accepted drafts, L+n the extra token (the writes past it are
+        # overwritten by later rounds, like the rejected drafts' KV entries)
+        toks.index_copy_(0, L + j, torch.where(j < n, torch.cat([draft, draft[-1:]]), extra))
+        L.add_(n + 1)
+        self._counts.add_(torch.stack([torch.ones_like(n), n, (n == k).long()]))
+
+    def _device_round_graph(self):
+        if self.k not in self._graphs:  # keyed by k; the buffers are fixed until _alloc grows them
+            saved = (self._toks.clone(), self._L.clone(), self._counts.clone())
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up: its writes land past the committed tokens
+                for _ in range(2):
+                    self._device_round()
+            torch.cuda.current_stream().wait_stream(stream)
+            for buf, v in zip((self._toks, self._L, self._counts), saved):
+                buf.copy_(v)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._device_round()
+            self._graphs[self.k] = graph
+        return self._graphs[self.k]
 
     @torch.no_grad()
-    def decode_tok_s(self, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> float:
-        """Tokens/s of ``generate(idx, n)`` after one warm-up call (prefill included in both this and
-        the baseline it is compared with: ``plain_tok_s``); best of ``repeats``."""
-        return _best_tok_s(lambda: self.generate(idx, n), n, repeats, idx.is_cuda)
+    def generate_on_device(self, idx: torch.Tensor, max_new_tokens: int, eos_id: int | None = None) -> torch.Tensor:
+        """``generate`` with the rounds kept on the device: the same tokens in greedy mode, the same
+        distribution when sampling. The first round runs from Python (the drafter reads the prompt);
+        then rounds run in batches between host syncs, as many as cannot overshoot the end."""
+        if not hasattr(self.drafter, "propose_device"):
+            raise TypeError(f"drafter {self.drafter.name!r} has no propose_device: use generate()")
+        max_len = self._check(idx, max_new_tokens)
+        if max_new_tokens == 0:
+            return idx.clone()
+        T, k = idx.shape[1], self.k
+        self._alloc(max_len)
+        with self.target.kv_caches_attached(self.caches):
+            state = self._start(idx, max_len)
+            if max_new_tokens > 1:
+                state.tokens.extend(self._host_round(state, k))
+            L = len(state.tokens)
+            self._toks[:L] = torch.tensor(state.tokens, device=self._toks.device)
+            self._L.fill_(L)
+            self._counts.zero_()
+            while L - T < max_new_tokens:
+                if eos_id is not None and eos_id in self._toks[T:L].tolist():
+                    break
+                rounds = max(1, (max_new_tokens - (L - T)) // (k + 1))  # each round adds at most k + 1
+                step = self._device_round_graph().replay if self.graph else self._device_round
+                for _ in range(rounds):
+                    step()
+                L = int(self._L)  # a host sync per batch of rounds
+            tokens = self._toks[: min(L, T + max_new_tokens)].tolist()
+        r, acc, full = self._counts.tolist()
+        s = self.stats
+        s.rounds, s.accepted, s.drafted = s.rounds + r, s.accepted + acc, s.drafted + r * k
+        s.examined += acc + r - full
+        s.emitted = len(tokens) - T - 1
+        return torch.tensor([self._finish(tokens, T, max_new_tokens, eos_id)], device=idx.device)
+
+    @torch.no_grad()
+    def decode_tok_s(self, idx: torch.Tensor, n: int = 128, repeats: int = 3, on_device: bool = True) -> float:
+        """Tokens/s of ``generate_on_device(idx, n)`` (or ``generate``) after one warm-up call,
+        prefill included as in ``plain_tok_s``; best of ``repeats``."""
+        fn = self.generate_on_device if on_device else self.generate
+        return _best_tok_s(lambda: fn(idx, n), n, repeats, idx.is_cuda)
 
 
 def _best_tok_s(fn, n, repeats, cuda):

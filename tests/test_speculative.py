@@ -12,7 +12,7 @@ from labutils import spec_checks
 from labutils.decoder import Decoder
 from labutils.generate import encode_prompt, greedy_cached
 from labutils.kv_cache import static_caches
-from labutils.speculative import (NGramDrafter, ModelDrafter, SpeculativeDecoder, accept_drafts,
+from labutils.speculative import (NGramDrafter, ModelDrafter, SpecState, SpeculativeDecoder, accept_drafts,
                                   expected_tokens, predicted_speedup, sample, sampling_probs)
 
 
@@ -218,3 +218,72 @@ def test_sampling_first_token_embedded(smol):
     assert ok["p_value"] >= 1e-3
     bad = spec_checks.first_token(p, q, 3000, accept=spec_checks.resample_from_p, generator=g)
     assert bad["p_value"] < 1e-6
+
+
+# ---- the on-device rounds ----------------------------------------------------------------------------------
+def test_ngram_propose_device_matches_lookup():
+    g = torch.Generator().manual_seed(9)
+    d = NGramDrafter(3)
+    for _ in range(30):
+        toks = torch.randint(0, 4, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g)
+        L = len(toks)
+        buf = torch.cat([toks, torch.randint(0, 4, (10,), generator=g)])  # stale tokens past L
+        want, _ = d.propose(SpecState(toks.tolist(), None), 4)
+        got, _ = d.propose_device(buf, torch.tensor([L]), 4)
+        assert got[: len(want)].tolist() == want.tolist(), f"tokens {toks.tolist()}"
+        if len(want) < 4:  # padding repeats the last committed token
+            assert (got[len(want):] == toks[-1]).all()
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_on_device_greedy_identical_tiny(tiny, k):
+    target, draft = tiny
+    g = torch.Generator().manual_seed(10 + k)
+    for prompt_len in (2, 9):
+        ids = torch.randint(0, 128, (1, prompt_len), generator=g).repeat(1, 2)
+        ref = plain_greedy(target, ids, 29)
+        for drafter in (NGramDrafter(2), ModelDrafter(draft)):
+            spec = SpeculativeDecoder(target, drafter, k=k)
+            out = spec.generate_on_device(ids, 29)
+            assert_same_tokens(out, ref, ids.shape[1], f"on device: {drafter.name}, k={k}")
+            assert spec.stats.emitted == 28, "29 tokens: the prefill's and 28 from rounds"
+            again = spec.generate_on_device(ids, 29)  # buffers reused: the same answer
+            assert torch.equal(again, out)
+
+
+def test_on_device_eos_and_stats(tiny):
+    target, _ = tiny
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(5))
+    ref = plain_greedy(target, ids, 20)[0, 8:].tolist()
+    eos = ref[9]
+    spec = SpeculativeDecoder(target, NGramDrafter(), k=3)
+    out = spec.generate_on_device(ids, 20, eos_id=eos)
+    assert out[0, 8:].tolist() == ref[: ref.index(eos) + 1]
+    spec.generate_on_device(ids, 20)
+    s = spec.stats
+    assert s.drafted <= 3 * s.rounds and 0 <= s.accepted <= s.examined <= s.drafted and s.rounds > 1
+
+
+def test_on_device_sampling_tokens_follow_target():
+    """Sampling through on-device rounds: the 3rd and 4th new tokens (drawn inside rounds) against
+    their exact joint law under the target, on models with an 8-token vocabulary so that every path
+    can be enumerated."""
+    target = Decoder.from_hf(tiny_hf_model("llama-gqa-tied", seed=5, vocab_size=8))
+    draft = Decoder.from_hf(tiny_hf_model("llama-gqa-tied", seed=6, vocab_size=8))
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    torch.manual_seed(4)  # on-device rounds draw from the global generator
+    spec = SpeculativeDecoder(target, ModelDrafter(draft), k=2, temperature=1.0, top_p=0.9)
+    counts = torch.zeros(8, 8)
+    for _ in range(1500):
+        out = spec.generate_on_device(ids, 6)
+        counts[out[0, 7], out[0, 8]] += 1
+    with torch.no_grad():  # the law of (x7, x8): sum over the paths x5, x6 of their probabilities
+        seqs, probs = ids, torch.ones(1)
+        for _ in range(4):
+            p = sampling_probs(target(seqs)[:, -1], 1.0, 0.9)  # (paths, 8)
+            nz = p.nonzero()
+            probs = probs[nz[:, 0]] * p[nz[:, 0], nz[:, 1]]
+            seqs = torch.cat([seqs[nz[:, 0]], nz[:, 1:]], 1)
+        law = torch.zeros(8, 8).index_put_((seqs[:, -2], seqs[:, -1]), probs, accumulate=True)
+    assert abs(float(law.sum()) - 1) < 1e-4
+    assert spec_checks.chisquare(counts, law)["p_value"] >= 1e-3
