@@ -17,7 +17,7 @@ Names: B batch, T new tokens, S key positions, n_head, n_kv_head, head_dim, d (h
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -254,6 +254,21 @@ class Decoder(nn.Module):
                 m.gate_up_proj = cat([m.gate_proj, m.up_proj])
                 del m.gate_proj, m.up_proj
         return self
+
+    def first_layers(self, n: int) -> "Decoder":
+        """A decoder made of this one's first n layers, its final norm and its lm_head, every module
+        shared (nothing copied): an early-exit draft model for self-speculation (notebook 05). The
+        layers are the same modules, so caches must be attached in a scope
+        (``kv_caches_attached``), never left on."""
+        if not 1 <= n <= self.cfg.n_layer:
+            raise ValueError(f"n must be in 1..{self.cfg.n_layer}, got {n}")
+        view = Decoder.__new__(Decoder)
+        nn.Module.__init__(view)
+        view.cfg = replace(self.cfg, n_layer=n)
+        view.embed_tokens, view.norm, view.lm_head = self.embed_tokens, self.norm, self.lm_head
+        view.layers = nn.ModuleList(list(self.layers[:n]))
+        view.attn_fn = self.attn_fn
+        return view
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,

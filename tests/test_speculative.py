@@ -287,3 +287,18 @@ def test_on_device_sampling_tokens_follow_target():
         law = torch.zeros(8, 8).index_put_((seqs[:, -2], seqs[:, -1]), probs, accumulate=True)
     assert abs(float(law.sum()) - 1) < 1e-4
     assert spec_checks.chisquare(counts, law)["p_value"] >= 1e-3
+
+
+def test_early_exit_drafter_shares_layers_and_stays_lossless(tiny):
+    target, _ = tiny
+    draft = target.first_layers(1)
+    assert draft.layers[0] is target.layers[0] and draft.lm_head is target.lm_head
+    with pytest.raises(ValueError, match="n must be"):
+        target.first_layers(0)
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(8))
+    ref = plain_greedy(target, ids, 25)
+    for k in (2, 5):
+        spec = SpeculativeDecoder(target, ModelDrafter(draft, "early exit"), k=k)
+        assert_same_tokens(spec.generate(ids, 25), ref, 7, f"early exit, host loop, k={k}")
+        assert_same_tokens(spec.generate_on_device(ids, 25), ref, 7, f"early exit, on device, k={k}")
+    assert all(layer.self_attn.kv_cache is None for layer in target.layers)
