@@ -33,10 +33,28 @@ def show_source(obj):
 
 def slider(fn, **ranges):
     """An ipywidgets slider over ``fn`` (the notebook also calls ``fn`` once directly, so a headless
-    run exercises the same code). ``ranges``: name=(min, max, step, value)."""
+    run exercises the same code). ``ranges``: name=(min, max, step, value); a float among them
+    makes a FloatSlider."""
     import ipywidgets as widgets
 
-    controls = {name: widgets.IntSlider(min=lo, max=hi, step=step, value=value,
-                                        continuous_update=False, description=name)
-                for name, (lo, hi, step, value) in ranges.items()}
-    return widgets.interactive(fn, **controls)
+    def control(name, lo, hi, step, value):
+        kind = widgets.FloatSlider if any(isinstance(v, float) for v in (lo, hi, step, value)) else widgets.IntSlider
+        return kind(min=lo, max=hi, step=step, value=value, continuous_update=False, description=name)
+
+    controls = {name: control(name, *r) for name, r in ranges.items()}
+    return _Slider(widgets.interactive(fn, **controls))
+
+
+class _Slider:
+    """Shows the interactive widget in a live kernel; where no kernel runs (GitHub, nbviewer, a
+    saved notebook) its text says what it is instead of ``interactive(children=...)``."""
+
+    def __init__(self, widget):
+        self.widget = widget
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        names = ", ".join(c.description for c in self.widget.children[:-1] if getattr(c, "description", ""))
+        data["text/plain"] = f"[slider over {names}: run the notebook to move it; its output for the default values is above]"
+        return bundle

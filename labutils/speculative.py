@@ -21,6 +21,9 @@ The drafter contract (n-gram lookup, a separate small model, a draft head on the
 
     drafter.reset(max_len, device)     a new sequence of at most max_len positions begins
     drafter.propose(state, k) -> (draft, q)
+    drafter.propose_device(toks, L, k, temperature, top_p, hidden) -> (draft, q)     (optional)
+      the same in tensors only, for rounds that never leave the GPU: toks (capacity,) the committed
+      tokens at positions < L ((1,) int64 on the device), hidden the target's states; exactly k drafts
       state:  SpecState: the committed tokens (the last one not yet scored by the target), the
               target's hidden states (for drafters with ``needs_hidden``), the sampling settings
       draft:  (m,) int64, 0 <= m <= k proposed tokens, on the target's device
@@ -143,12 +146,15 @@ class NGramDrafter:
 
     needs_hidden = False
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, compile: bool = False):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.name = f"ngram{max_ngram}"
         self.device = None
+        # on-device rounds: the lookup compiled into a few fused kernels (one compiled function for
+        # every drafter: guards on shapes and the ints k, n only)
+        self._lookup_device = _compiled(ngram_lookup_device) if compile else ngram_lookup_device
 
     def reset(self, max_len: int, device=None):
         self.device = device
@@ -176,22 +182,26 @@ class NGramDrafter:
 
 
     def propose_device(self, toks: torch.Tensor, L: torch.Tensor, k: int, temperature: float = 0.0,
-                       top_p: float = 1.0):
-        """The same lookup in tensors, for a round that never leaves the GPU: toks (capacity,) holds
-        the committed tokens at positions < L (a (1,) tensor). Always k drafts: where fewer than k
-        tokens follow the match, or nothing matches, the last token is repeated (a wrong guess costs
-        only the verification of positions that were going to be verified anyway)."""
-        cap = toks.shape[0]
-        start = torch.full_like(L, -1)  # where the proposed continuation starts
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):  # longer matches first
-            suffix = toks.index_select(0, (L - n + torch.arange(n, device=toks.device)).clamp_min(0))  # (n,)
-            s = torch.arange(cap - n + 1, device=toks.device)  # window starts
-            hit = (toks.unfold(0, n, 1) == suffix).all(1) & (s < L - n)  # earlier occurrences only
-            last = torch.where(hit, s, -1).max()
-            start = torch.where((start < 0) & (last >= 0), last + n, start)
-        follow = start + torch.arange(k, device=toks.device)
-        follow = torch.where((start >= 0) & (follow < L), follow, L - 1)
-        return toks.index_select(0, follow), None
+                       top_p: float = 1.0, hidden=None):
+        """The same lookup in tensors, for a round that never leaves the GPU (``ngram_lookup_device``)."""
+        return self._lookup_device(toks, L, k, self.max_ngram, self.min_ngram), None
+
+
+def ngram_lookup_device(toks: torch.Tensor, L: torch.Tensor, k: int, max_ngram: int, min_ngram: int) -> torch.Tensor:
+    """Prompt lookup in tensors: toks (capacity,) holds the committed tokens at positions < L (a (1,)
+    tensor). Always k drafts: where fewer than k tokens follow the match, or nothing matches, the last
+    token is repeated (a wrong guess costs only the verification of positions verified anyway)."""
+    cap = toks.shape[0]
+    start = torch.full_like(L, -1)  # where the proposed continuation starts
+    for n in range(max_ngram, min_ngram - 1, -1):  # longer matches first
+        suffix = toks.index_select(0, (L - n + torch.arange(n, device=toks.device)).clamp_min(0))  # (n,)
+        s = torch.arange(cap - n + 1, device=toks.device)  # window starts
+        hit = (toks.unfold(0, n, 1) == suffix).all(1) & (s < L - n)  # earlier occurrences only
+        last = torch.where(hit, s, -1).max()
+        start = torch.where((start < 0) & (last >= 0), last + n, start)
+    follow = start + torch.arange(k, device=toks.device)
+    follow = torch.where((start >= 0) & (follow < L), follow, L - 1)
+    return toks.index_select(0, follow)
 
 
 class _Graphed:
@@ -252,7 +262,7 @@ class ModelDrafter:
                 logits = self._forward(tok.view(1, 1), pos)
         return torch.stack(drafts), torch.stack(qs)
 
-    def propose_device(self, toks, L, k, temperature=0.0, top_p=1.0):
+    def propose_device(self, toks, L, k, temperature=0.0, top_p=1.0, hidden=None):
         """For an on-device round: feed the last two committed tokens (the first may be re-fed: its
         cache entry is rewritten with the same values) and draft k. Needs the cache valid below
         position L - 2, which a first ``propose`` round after the prompt guarantees."""
@@ -291,6 +301,36 @@ class ModelDrafter:
 
 
 # ---- the speculative decoder ---------------------------------------------------------------------
+def commit_round(logits, h, draft, q, pos, toks, L, counts, hidden, temperature, top_p, accept):
+    """The end of an on-device round: accept (greedy: the drafts equal to the target's argmax, no
+    random numbers: the same rule for one-hot p and q), then write positions L .. L+n-1 with the
+    accepted drafts and L+n with the extra token (writes past it are overwritten by later rounds,
+    like the rejected drafts' KV entries), advance L, count (rounds, accepted, rounds with all k)."""
+    k = draft.shape[0]
+    j = torch.arange(k + 1, device=toks.device)
+    if temperature == 0:
+        best = logits.argmax(-1)  # (k + 1,) the target's own choices
+        n = (draft == best[:k]).long().cumprod(0).sum()
+        extra = best.index_select(0, n.reshape(1))[0]
+    else:
+        n, extra = accept(sampling_probs(logits, temperature, top_p), q, draft, None)
+    if hidden is not None:
+        hidden.index_copy_(0, pos, h)
+    toks.index_copy_(0, L + j, torch.where(j < n, torch.cat([draft, draft[-1:]]), extra))
+    L.add_(n + 1)
+    counts.add_(torch.stack([torch.ones_like(n), n, (n == k).long()]))
+
+
+_COMPILED = {}
+
+
+def _compiled(fn):
+    """One torch.compile per function, shared by every decoder and drafter."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[fn]
+
+
 class SpeculativeDecoder:
     """Target + drafter, batch 1.
 
@@ -300,11 +340,14 @@ class SpeculativeDecoder:
     committed tokens and their count kept in device tensors); with ``graph=True`` each round is one
     CUDA-graph replay, so launches and host syncs no longer eat the gain.
 
-    ``accept``: the rejection rule (``accept_drafts``); replaceable so that a wrong rule can be shown
-    to fail the distribution test (notebook 05)."""
+    ``accept``: the rejection rule (``accept_drafts``) for sampling; replaceable so that a wrong rule
+    can be shown to fail the distribution test (notebook 05). Greedy on-device rounds compare the
+    drafts with the target's argmax directly (the same rule for one-hot p and q, without random numbers).
+    """
 
     def __init__(self, target, drafter, k: int = 4, temperature: float = 0.0, top_p: float = 1.0,
-                 graph: bool = False, accept=accept_drafts, generator: torch.Generator | None = None):
+                 graph: bool = False, accept=accept_drafts, generator: torch.Generator | None = None,
+                 compile_glue: bool = False):
         if k < 1:
             raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}")
         if graph and target.device.type != "cuda":
@@ -315,6 +358,9 @@ class SpeculativeDecoder:
         self.graph, self.accept, self.generator = graph, accept, generator
         self.caches, self.hidden, self._graphs = None, None, {}
         self.stats = SpecStats()
+        # compile_glue: the accept-and-commit step of on-device rounds as one compiled function
+        # (a few fused kernels instead of ~30 small ones per round: they count on a 1 ms step)
+        self._commit_fn = _compiled(commit_round) if compile_glue else commit_round
 
     # ---- pieces shared by both loops -----------------------------------------------------------
     def _check(self, idx, max_new_tokens):
@@ -332,6 +378,9 @@ class SpeculativeDecoder:
 
     def _alloc(self, max_len: int):
         if self.caches is None or self.caches[0].max_seq_len < max_len:
+            # whole multiples of 256 positions: the same shapes for most prompts, so compiled and
+            # captured rounds are reused
+            max_len = min(-(-max_len // 256) * 256, self.target.cfg.max_seq_len)
             dev = self.target.device
             self.caches = static_caches(self.target, 1, max_len)
             self._graphs = {}
@@ -423,18 +472,11 @@ class SpeculativeDecoder:
         """One round in tensors only (capturable in a CUDA graph): draft k, verify k + 1 positions in
         one forward, accept, commit the new tokens to ``_toks`` and advance ``_L``."""
         toks, L, k = self._toks, self._L, self.k
-        j = torch.arange(k + 1, device=toks.device)
-        draft, q = self.drafter.propose_device(toks, L, k, self.temperature, self.top_p)
-        pos = L - 1 + j  # the last committed token, then the drafts
+        draft, q = self.drafter.propose_device(toks, L, k, self.temperature, self.top_p, self.hidden)
+        pos = L - 1 + torch.arange(k + 1, device=toks.device)  # the last committed token, then the drafts
         logits, h = self._forward(torch.cat([toks.index_select(0, L - 1), draft])[None], pos)
-        n, extra = self.accept(sampling_probs(logits, self.temperature, self.top_p), q, draft, None)
-        if self.hidden is not None:
-            self.hidden.index_copy_(0, pos, h)
-        # positions L .. L+n-1 get the accepted drafts, L+n the extra token (the writes past it are
-        # overwritten by later rounds, like the rejected drafts' KV entries)
-        toks.index_copy_(0, L + j, torch.where(j < n, torch.cat([draft, draft[-1:]]), extra))
-        L.add_(n + 1)
-        self._counts.add_(torch.stack([torch.ones_like(n), n, (n == k).long()]))
+        self._commit_fn(logits, h, draft, q, pos, toks, L, self._counts, self.hidden,
+                        self.temperature, self.top_p, self.accept)
 
     def _device_round_graph(self):
         if self.k not in self._graphs:  # keyed by k; the buffers are fixed until _alloc grows them
@@ -495,6 +537,26 @@ class SpeculativeDecoder:
         prefill included as in ``plain_tok_s``; best of ``repeats``."""
         fn = self.generate_on_device if on_device else self.generate
         return _best_tok_s(lambda: fn(idx, n), n, repeats, idx.is_cuda)
+
+
+@torch.no_grad()
+def verify_ms(model, T: int, context: int = 256, rep_ms: float = 100):
+    """Median time (a ``bench.Timing``) of one forward of T new tokens at positions context ..
+    context + T - 1 with a static KV cache holding ``context`` positions: what verifying T - 1 drafts
+    costs. On a GPU the forward is replayed from a CUDA graph (``time_fn(cuda_graph=True)``), as an
+    engine runs it; random token ids (time does not depend on them)."""
+    from . import bench, runtime
+
+    if T < 1 or context < 0:
+        raise ValueError(f"need T >= 1 and context >= 0, got T={T}, context={context}")
+    dev = model.device
+    caches = static_caches(model, 1, context + T)
+    x = torch.randint(0, model.cfg.vocab_size, (1, context + T), device=dev)
+    with model.kv_caches_attached(caches):
+        if context:
+            model(x[:, :context], torch.arange(context, device=dev))  # fills the cache (not timed)
+        pos = torch.arange(context, context + T, device=dev)
+        return bench.time_fn(lambda: model(x[:, context:], pos), rep_ms=rep_ms, cuda_graph=runtime.has_cuda())
 
 
 def _best_tok_s(fn, n, repeats, cuda):
