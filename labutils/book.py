@@ -47,6 +47,11 @@ HEADLINES = {
     "04_quantization": [("layer_us", "3584->18944 layer at batch 1 (us)", None),
                         ("engine_tok_s", "engine batch 1 (tok/s, shape twin)", None),
                         ("ppl", "perplexity on real weights (results: ppl_model)", None)],
+    "05_speculative": [("speedup", "best speedup over the plain engine, embedded model, batch 1", None),
+                       ("hf_prompt_lookup_speedup", "HF prompt lookup over HF plain (best task)", "{:.2f}"),
+                       ("verify_cost_ratio", "verify T tokens / 1 token (shape twin)", None),
+                       ("predicted_speedup_7b", "predicted speedup at 7B (shape twin costs)", None),
+                       ("greedy_identical", "greedy text identical to plain decoding", None)],
 }
 
 
@@ -98,7 +103,7 @@ def headlines(stems: list[str]) -> str:
             if key == "kv_bytes_measured" and value is not None:
                 text = f"{value:,} / {rec['metrics']['kv_bytes_predicted']:,}"
             elif isinstance(value, dict):
-                text = ", ".join(f"{k}: {v:.1f}" for k, v in value.items())
+                text = ", ".join(f"{k}: {v:.2f}" if isinstance(v, (int, float)) else f"{k}: {v}" for k, v in value.items())
             else:
                 text = fmt.format(value) if (fmt and value is not None) else str(value)
             rows.append((stem, label, text, f"{rec['device']}{' (smoke)' if rec['smoke'] else ''}"))
