@@ -449,7 +449,8 @@ class HeadDrafter:
     (k, temperature, top_p): the last k + 1 pairs (positions L-2-k .. L-2) are always re-ingested
     (a round adds at most k + 1 tokens, so they cover all that is new); rounds where that does not
     hold (the first, or L - 2 - k < 0) run eagerly. The graph draws from the default CUDA generator
-    (``state.generator`` is not used there)."""
+    (``state.generator`` is not used there). ``propose_device`` does the same re-ingest in tensors
+    only, for ``SpeculativeDecoder.generate_on_device`` (whose rounds it captures itself)."""
 
     needs_hidden = True
 
@@ -490,6 +491,19 @@ class HeadDrafter:
         finally:
             head.set_kv_cache(None)
         return torch.stack(drafts), (torch.stack(qs) if qs else None), torch.stack(fs)
+
+    @torch.no_grad()
+    def propose_device(self, toks, L, k, temperature=0.0, top_p=1.0, hidden=None):
+        """For an on-device round (``SpeculativeDecoder.generate_on_device``): toks (capacity,) the
+        committed tokens at positions < L ((1,) int64), hidden the target's features. Re-ingests the
+        last k + 1 pairs, positions L-2-k .. L-2 (clamped at 0: a repeated pair (f_0, x_1) writes
+        the same values twice), then drafts k. Needs the cache valid below L-2-k, which a first
+        ``propose`` round after the prompt guarantees."""
+        pos = (L - 2 - k + torch.arange(k + 1, device=toks.device)).clamp_min(0)  # (k + 1,)
+        f_in = hidden.index_select(0, pos)[None]  # (1, k + 1, d): f_j
+        x_in = toks.index_select(0, pos + 1)[None]  # (1, k + 1): x_{j+1}
+        draft, q, self.last_features = self._draft_loop(f_in, x_in, pos, k, temperature, top_p, None)
+        return draft, (None if temperature == 0 else q)
 
     @torch.no_grad()
     def propose(self, state, k: int):

@@ -103,6 +103,18 @@ class CheckingDrafter:
         self.ingested.append((L, calls[0]))
         return draft, q
 
+    @torch.no_grad()
+    def propose_device(self, toks, L, k, temperature=0.0, top_p=1.0, hidden=None):
+        n = int(L)
+        hidden[n - 1:] = 1e3 * torch.randn_like(hidden[n - 1:])
+        draft, q = self.inner.propose_device(toks, L, k, temperature, top_p, hidden)
+        ref = scratch_chain(self.inner.head, toks[:n].tolist(), hidden, draft)
+        assert_rel_close(self.inner.last_features, ref, FEAT_TOL, f"on device, L={n}, k={k}: f̂ vs from scratch")
+        if temperature == 0:
+            assert torch.equal(draft, self.inner.head.logits(ref).argmax(-1)), f"L={n}: greedy drafts"
+        self.ingested.append((n, k + 1))
+        return draft, q
+
 
 def accept_all(p, q, draft, generator=None):
     """Not the rejection rule: keeps every draft (exercises rounds where the head's whole draft is
@@ -134,6 +146,22 @@ def test_cache_matches_scratch_through_speculation(tiny, rule, temperature):
     assert len(checker.ingested) == spec.stats.rounds >= 8
     if rule != "rejection rule":
         assert max(spec.stats.accepted_per_round) == 4, "no round accepted the whole draft"
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_on_device_rounds(tiny, k):
+    """``generate_on_device``: the first round from Python, then propose_device re-ingesting the last
+    k + 1 pairs (clamped at position 0 for short prompts); greedy stays token-identical and every
+    device round's drafts equal the from-scratch chain."""
+    target, head = tiny
+    g = torch.Generator().manual_seed(20 + k)
+    for prompt_len in (1, 8):
+        ids = torch.randint(0, 128, (1, prompt_len), generator=g)
+        ref = plain_greedy(target, ids, 25)
+        checker = CheckingDrafter(dh.HeadDrafter(head))
+        spec = SpeculativeDecoder(target, checker, k=k)
+        assert_same_tokens(spec.generate_on_device(ids, 25), ref, prompt_len, f"on device, k={k}")
+        assert len(checker.ingested) >= 2, "no round ran on the device"
 
 
 def test_two_rounds_with_a_rejection(tiny):
@@ -273,3 +301,5 @@ def test_graph_drafter_matches_eager_cuda(k):
     assert torch.equal(runs[True][0], runs[False][0]) and runs[True][1] == runs[False][1]
     out = SpeculativeDecoder(target, dh.HeadDrafter(head, graph=True), k=k).generate(ids, 40)
     assert_same_tokens(out, ref, ids.shape[1], f"graph drafter, k={k}")
+    out = SpeculativeDecoder(target, dh.HeadDrafter(head), k=k, graph=True).generate_on_device(ids, 40)
+    assert_same_tokens(out, ref, ids.shape[1], f"on-device rounds in CUDA graphs, k={k}")
