@@ -140,15 +140,21 @@ def _free_bytes(device: torch.device) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def shape_twin(name: str, dtype: torch.dtype | None = None, device=None, seed: int = 0):
+def shape_twin(name: str, dtype: torch.dtype | None = None, device=None, seed: int = 0, **overrides):
     """A random-weight transformers model with exactly the architecture ``name`` (see configs).
 
     Its speed is the real model's speed; its text, perplexity and acceptance rates mean nothing.
     Raises MemoryError, before allocating, when the weights would not fit on ``device``.
+    ``overrides``: config fields to change (e.g. ``num_hidden_layers=2`` for a smoke run's small
+    stand-in); such a model is no longer the architecture's twin.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = configs.arch(name)
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)} for {name}; known: {sorted(fields)}")
+    fields.update(overrides)
     device = torch.device(device or runtime.device())
     dtype = dtype or runtime.default_dtype()
     need = configs.param_count(fields) * torch.finfo(dtype).bits // 8

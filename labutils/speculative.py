@@ -210,11 +210,11 @@ class _Graphed:
 
     def __init__(self, fn, *buffers):
         self.fn, self.buffers = fn, buffers
+        fn(*buffers)  # compiles and autotunes on the default stream
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph (lazy init, autotuning)
-            for _ in range(2):
-                fn(*buffers)
+        with torch.cuda.stream(stream):  # warm-up outside the graph, on a side stream as capture wants
+            fn(*buffers)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -406,7 +406,7 @@ class SpeculativeDecoder:
     def _start(self, idx, max_len) -> SpecState:
         """Prefill: the prompt fills the target's cache; the first token comes from its last position."""
         T, dev = idx.shape[1], self.target.device
-        self.drafter.reset(max_len, dev)
+        self.drafter.reset(self.caches[0].max_seq_len, dev)  # the target's (rounded) capacity
         self.stats = SpecStats()
         logits, h = self._forward(idx, torch.arange(T, device=dev))
         if self.hidden is not None:
@@ -481,14 +481,18 @@ class SpeculativeDecoder:
     def _device_round_graph(self):
         if self.k not in self._graphs:  # keyed by k; the buffers are fixed until _alloc grows them
             saved = (self._toks.clone(), self._L.clone(), self._counts.clone())
+
+            def warm_up():  # from the same state each time: the writes land past the committed tokens
+                self._device_round()
+                for buf, v in zip((self._toks, self._L, self._counts), saved):
+                    buf.copy_(v)
+
+            warm_up()  # compiles on the default stream (a first compile on a side stream once stalled for minutes)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: its writes land past the committed tokens
-                for _ in range(2):
-                    self._device_round()
+            with torch.cuda.stream(stream):
+                warm_up()
             torch.cuda.current_stream().wait_stream(stream)
-            for buf, v in zip((self._toks, self._L, self._counts), saved):
-                buf.copy_(v)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._device_round()
