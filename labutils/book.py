@@ -73,9 +73,21 @@ def execute(path: Path, timeout: int, deadline: float | None = None) -> tuple[bo
         left = timeout if deadline is None else min(timeout, deadline - time.time())
         return max(int(left), 1)
 
+    started = {}
+
+    def cell_started(cell, cell_index, **_):
+        started["t"] = time.perf_counter()
+
+    def cell_done(cell, cell_index, **_):  # progress for long runs: the cells that took a while
+        took = time.perf_counter() - started.get("t", time.perf_counter())
+        if took >= 10:
+            first = cell.source.strip().splitlines()[0][:60] if cell.source.strip() else ""
+            print(f"    cell {cell_index}: {took:.0f} s  ({first})", flush=True)
+
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, timeout_func=cell_timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+                            resources={"metadata": {"path": str(path.parent)}},
+                            on_cell_execute=cell_started, on_cell_executed=cell_done)
     t0 = time.perf_counter()
     ok = True
     try:
