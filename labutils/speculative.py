@@ -356,7 +356,7 @@ class SpeculativeDecoder:
         self.temperature, self.top_p = temperature, top_p
         sampling_probs(torch.zeros(1), temperature, top_p)  # validates the settings
         self.graph, self.accept, self.generator = graph, accept, generator
-        self.caches, self.hidden, self._graphs = None, None, {}
+        self.caches, self.hidden, self._graphs, self._round_graphs = None, None, {}, {}
         self.stats = SpecStats()
         # compile_glue: the accept-and-commit step of on-device rounds as one compiled function
         # (a few fused kernels instead of ~30 small ones per round: they count on a 1 ms step)
@@ -383,7 +383,7 @@ class SpeculativeDecoder:
             max_len = min(-(-max_len // 256) * 256, self.target.cfg.max_seq_len)
             dev = self.target.device
             self.caches = static_caches(self.target, 1, max_len)
-            self._graphs = {}
+            self._graphs, self._round_graphs = {}, {}  # verification graphs by T, whole rounds by k
             self._toks = torch.zeros(max_len, dtype=torch.long, device=dev)  # on-device rounds: the tokens
             self._L = torch.zeros(1, dtype=torch.long, device=dev)  # ... and how many are committed
             self._counts = torch.zeros(3, dtype=torch.long, device=dev)  # rounds, accepted, rounds with all k
@@ -479,7 +479,7 @@ class SpeculativeDecoder:
                         self.temperature, self.top_p, self.accept)
 
     def _device_round_graph(self):
-        if self.k not in self._graphs:  # keyed by k; the buffers are fixed until _alloc grows them
+        if self.k not in self._round_graphs:  # keyed by k; the buffers are fixed until _alloc grows them
             saved = (self._toks.clone(), self._L.clone(), self._counts.clone())
 
             def warm_up():  # from the same state each time: the writes land past the committed tokens
@@ -496,8 +496,8 @@ class SpeculativeDecoder:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._device_round()
-            self._graphs[self.k] = graph
-        return self._graphs[self.k]
+            self._round_graphs[self.k] = graph
+        return self._round_graphs[self.k]
 
     @torch.no_grad()
     def generate_on_device(self, idx: torch.Tensor, max_new_tokens: int, eos_id: int | None = None) -> torch.Tensor:
