@@ -350,7 +350,7 @@ my_prompt_lookup_acceptance = None  # your prediction, e.g. 0.5
 
 # %%
 N_NEW = pick(128, 16)
-KS = pick([1, 2, 3, 4, 6, 8], [1, 4])
+KS = pick([1, 2, 4, 6, 8], [1, 4])
 if GPU:
     compile_layers(model, dynamic=True)  # the target's layers compiled once for every T (regional)
 
