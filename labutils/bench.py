@@ -59,6 +59,7 @@ def _time_graph(fn, rep_ms: float) -> Timing:
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # > any GPU's L2
 
     def capture(body):
+        body()  # the first call on the default stream: a first compile on a side stream has stalled for minutes
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up (autotuning, lazy init) outside the graph
