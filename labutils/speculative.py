@@ -253,14 +253,17 @@ class ModelDrafter:
         drafts, qs = [], []
         pos = first_pos[-1:]
         for i in range(k):
-            probs = sampling_probs(logits, temperature, top_p)
-            tok = sample(probs, generator)
+            if temperature == 0:  # greedy: the argmax, no random numbers (q is not needed)
+                tok = logits.argmax(-1)
+            else:
+                probs = sampling_probs(logits, temperature, top_p)
+                tok = sample(probs, generator)
+                qs.append(probs)
             drafts.append(tok)
-            qs.append(probs)
             if i < k - 1:
                 pos = pos + 1
                 logits = self._forward(tok.view(1, 1), pos)
-        return torch.stack(drafts), torch.stack(qs)
+        return torch.stack(drafts), (torch.stack(qs) if qs else None)
 
     def propose_device(self, toks, L, k, temperature=0.0, top_p=1.0, hidden=None):
         """For an on-device round: feed the last two committed tokens (the first may be re-fed: its
@@ -291,7 +294,7 @@ class ModelDrafter:
                     lambda i, p: self._draft_loop(i, p, k, state.temperature, state.top_p, None), idx_buf, pos_buf)
             draft, q = self._graphs[key](torch.tensor([tokens[L - 2:]], device=dev),
                                          torch.tensor([L - 2, L - 1], device=dev))
-            draft, q = draft.clone(), q.clone()
+            draft, q = draft.clone(), (None if q is None else q.clone())
         else:
             idx = torch.tensor([tokens[start:]], device=dev)
             draft, q = self._draft_loop(idx, torch.arange(start, L, device=dev), k,
