@@ -52,7 +52,7 @@ from . import runtime
 from .attention import sdpa_attention
 from .decoder import Block, rope_cos_sin
 from .kv_cache import StaticKVCache, static_caches
-from .speculative import _Graphed, sample, sampling_probs
+from .speculative import _Graphed, draw, sample, sampling_probs
 
 _FORMAT = 1  # bump when the head's architecture or training changes: old cache files stop matching
 
@@ -477,14 +477,10 @@ class HeadDrafter:
             drafts, qs, fs = [], [], []
             for i in range(k):
                 fs.append(h[0, 0])
-                logits = head.logits(h)[0, 0]  # (V,)
-                if temperature == 0:
-                    tok = logits.argmax(-1)
-                else:
-                    probs = sampling_probs(logits, temperature, top_p)
-                    tok = sample(probs, generator)
-                    qs.append(probs)
+                tok, q = draw(head.logits(h)[0, 0], temperature, top_p, generator)  # from (V,) logits
                 drafts.append(tok)
+                if q is not None:
+                    qs.append(q)
                 if i < k - 1:
                     pos = pos + 1
                     h = head(h, tok.view(1, 1), pos)  # the pair (f̂, draft) at the next position

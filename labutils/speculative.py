@@ -68,6 +68,15 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return (probs / e).argmax(dim=-1)
 
 
+def draw(logits: torch.Tensor, temperature: float, top_p: float, generator=None):
+    """A drafter's token from its logits (vocab,): (token, q) with q the distribution it was drawn
+    from, or (argmax, None) when greedy (no random numbers, no q needed)."""
+    if temperature == 0:
+        return logits.argmax(-1), None
+    q = sampling_probs(logits, temperature, top_p)
+    return sample(q, generator), q
+
+
 def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, draft: torch.Tensor,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rejection rule. p (m + 1, vocab): the target's distributions at the m + 1 verified
@@ -253,13 +262,10 @@ class ModelDrafter:
         drafts, qs = [], []
         pos = first_pos[-1:]
         for i in range(k):
-            if temperature == 0:  # greedy: the argmax, no random numbers (q is not needed)
-                tok = logits.argmax(-1)
-            else:
-                probs = sampling_probs(logits, temperature, top_p)
-                tok = sample(probs, generator)
-                qs.append(probs)
+            tok, q = draw(logits, temperature, top_p, generator)
             drafts.append(tok)
+            if q is not None:
+                qs.append(q)
             if i < k - 1:
                 pos = pos + 1
                 logits = self._forward(tok.view(1, 1), pos)
