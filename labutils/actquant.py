@@ -55,6 +55,9 @@ def quant_rows(x: torch.Tensor, dtype: torch.dtype = torch.int8):
         raise ValueError(f"dtype must be torch.int8 or torch.float8_e4m3fn, got {dtype}")
     if x.dim() != 2:
         raise ValueError(f"x must be (rows, features), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"quant_rows: x must be floating point (fp16, bf16 or fp32), got {x.dtype}; "
+                        f"convert with x.float()")
     x = x.contiguous()
     M, K = x.shape
     q = torch.empty(M, K, device=x.device, dtype=dtype)
@@ -91,23 +94,38 @@ def w8a8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.
     """(xq (M, K) int8 * xs (M, 1)) @ (wq (N, K) int8 * ws (N,))^T in ``out_dtype``, scales in the epilogue."""
     if xq.dtype != torch.int8 or wq.dtype != torch.int8:
         raise ValueError(f"int8 operands expected, got {xq.dtype} and {wq.dtype}")
+    if xq.dim() != 2 or wq.dim() != 2:
+        raise ValueError(f"w8a8_matmul: xq (M, K) and wq (N, K) must be 2-D, got shapes {tuple(xq.shape)} "
+                         f"and {tuple(wq.shape)}")
     M, K = xq.shape
     N = wq.shape[0]
     if wq.shape[1] != K:
         raise ValueError(f"x has {K} features, the weight {wq.shape[1]}")
+    if not xs.is_floating_point() or xs.numel() != M or tuple(xs.shape) not in ((M, 1), (M,)):
+        raise ValueError(f"w8a8_matmul: xs must be float row scales of shape ({M}, 1) (from quant_rows), got "
+                         f"{xs.dtype} of shape {tuple(xs.shape)}")
+    if not ws.is_floating_point() or tuple(ws.shape) not in ((N,), (N, 1)):
+        raise ValueError(f"w8a8_matmul: ws must be float channel scales of shape ({N},) (quantize_int8's "
+                         f"scale), got {ws.dtype} of shape {tuple(ws.shape)}")
+    if not out_dtype.is_floating_point:
+        raise ValueError(f"w8a8_matmul: out_dtype must be a floating dtype (e.g. torch.bfloat16), got {out_dtype}")
     c = torch.empty(M, N, device=xq.device, dtype=out_dtype)
     if runtime.triton_interpreted():
         bm, bn, bk, warps, stages = 16, 16, 32, 1, 1
     else:  # one tiling, timed on the H200 (2026-11-30): 1.2x bf16 cuBLAS at 4096 rows of a 7B MLP layer
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _w8a8_kernel[grid](xq.contiguous(), wq.contiguous(), xs.reshape(-1).float().contiguous(), ws.contiguous(), c,
+    _w8a8_kernel[grid](xq.contiguous(), wq.contiguous(), xs.reshape(-1).float().contiguous(),
+                       ws.reshape(-1).contiguous(), c,
                        M, N, K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return c
 
 
 def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     """x (M, K) -> x W^T with W ~ wq * ws[:, None] (labutils.quant.quantize_int8), per-token int8 activations."""
+    if wq.dim() != 2 or x.dim() != 2 or wq.shape[1] != x.shape[-1]:
+        raise ValueError(f"w8a8_linear: x (M, K) and wq (N, K) must agree on K, got shapes {tuple(x.shape)} and "
+                         f"{tuple(wq.shape)}")
     xq, xs = quant_rows(x, torch.int8)
     return w8a8_matmul(xq, xs, wq, ws, out_dtype=x.dtype)
 
@@ -115,6 +133,8 @@ def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Te
 def w8a8_reference(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     """The same product as a reader first writes it: PyTorch ops, ``torch._int_mm`` (which needs more
     than 16 rows on CUDA: x is padded), and the int32 result rescaled in fp32 afterwards."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"w8a8_reference: x must be floating point (M, K), got {x.dtype} of shape {tuple(x.shape)}")
     M, K = x.shape
     xs = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127  # per-token scale
     xq = torch.zeros(max(M, 32), K, device=x.device, dtype=torch.int8)
@@ -125,6 +145,11 @@ def w8a8_reference(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch
 @torch.no_grad()
 def quantize_fp8_rows(W: torch.Tensor):
     """W (N, K) -> (e4m3 codes (N, K), fp32 scales (N, 1)) with one scale per output channel."""
+    if W.dim() != 2 or not W.is_floating_point():
+        raise ValueError(f"quantize_fp8_rows: W must be a floating-point matrix (N, K), got {W.dtype} of shape "
+                         f"{tuple(W.shape)}")
+    if not torch.isfinite(W).all():
+        raise ValueError("quantize_fp8_rows: W has inf or NaN values; they have no e4m3 code")
     s = W.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / QMAX[FP8]
     return (W.float() / s).to(FP8), s
 
@@ -132,7 +157,15 @@ def quantize_fp8_rows(W: torch.Tensor):
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w8s: torch.Tensor) -> torch.Tensor:
     """x (M, K) -> x W^T with W ~ w8 * w8s (quantize_fp8_rows), per-token e4m3 activations, row-wise
     scales applied by ``torch._scaled_mm`` (CUDA, compute capability >= 8.9)."""
+    if x.dim() != 2:
+        raise ValueError(f"fp8_linear: x must be (rows, features), got shape {tuple(x.shape)}")
     M, K = x.shape
+    if w8.dtype != FP8 or w8.dim() != 2 or w8.shape[1] != K:
+        raise ValueError(f"fp8_linear: w8 must be e4m3 codes (N, {K}) from quantize_fp8_rows, got {w8.dtype} of "
+                         f"shape {tuple(w8.shape)}")
+    if tuple(w8s.shape) != (w8.shape[0], 1) or w8s.dtype != torch.float32:
+        raise ValueError(f"fp8_linear: w8s must be fp32 scales of shape ({w8.shape[0]}, 1), got {w8s.dtype} of "
+                         f"shape {tuple(w8s.shape)}")
     xq, xs = quant_rows(x, FP8)
     pad = -M % 16  # _scaled_mm wants rows in multiples of 16
     if pad:

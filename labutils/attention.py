@@ -35,18 +35,38 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(B, n_kv_head, n_rep, S, head_dim).reshape(B, n_kv_head * n_rep, S, head_dim)
 
 
+def _check_shapes(q, k, v, name: str):
+    """The backend contract on shapes, in plain Python ints (free, and transparent to torch.compile)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{name}: q, k, v must be 4-D (B, heads, seq, head_dim), got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    n_head, n_kv = q.shape[1], k.shape[1]
+    if n_kv == 0 or n_head % n_kv or v.shape[1] != n_kv:
+        raise ValueError(f"{name}: n_head={n_head} must be a multiple of n_kv_head={n_kv} (k) and v must have "
+                         f"the same KV heads as k (got {v.shape[1]})")
+    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"{name}: head_dim and lengths must agree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (q, k, v share head_dim; k and v share S)")
+
+
 def naive_attention(q, k, v, q_pos):
-    """softmax(Q K^T / sqrt(d) + causal mask) V, materialising the (T, S) score matrix."""
+    """softmax(Q K^T / sqrt(d) + causal mask) V, materialising the (T, S) score matrix.
+
+    The reference: scores, softmax and the product with V are computed in fp32 (fp64 for fp64 inputs),
+    so fp16 inputs whose scores exceed fp16's range do not overflow; the result is in q's dtype."""
+    _check_shapes(q, k, v, "naive_attention")
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_head, S, head_dim)
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, n_head, T, S)
+    ct = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(ct) @ k.to(ct).transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, n_head, T, S)
     scores = scores.masked_fill(~causal_mask(q_pos, k.shape[2]), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return probs @ v  # (B, n_head, T, head_dim)
+    probs = torch.softmax(scores, dim=-1)
+    return (probs @ v.to(ct)).to(q.dtype)  # (B, n_head, T, head_dim)
 
 
 def sdpa_attention(q, k, v, q_pos):
     """torch's fused scaled_dot_product_attention (flash / cuDNN / memory-efficient kernels)."""
+    _check_shapes(q, k, v, "sdpa_attention")
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if T == S:  # a prompt that starts at position 0: plain causal attention

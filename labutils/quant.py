@@ -82,12 +82,35 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
 
 
 def _store_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Positive fp32 scales in ``dtype``, rounded up (never below s, never zero)."""
+    """Positive fp32 scales in ``dtype``, rounded up (never below s, never zero).
+
+    Raises ValueError where a scale is not representable in ``dtype``: above its largest finite
+    value (the codes would be 0 and dequantize to NaN) or, for a group that is not all zero, below
+    its smallest subnormal (every code would round to zero). fp32 scales (``scale_dtype=torch.float32``)
+    cover any finite fp32 weight."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"scale_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
     fi = torch.finfo(dtype)
-    s = s.float().clamp_min(fi.tiny * fi.eps)  # the smallest subnormal: an all-zero row still divides
+    s = s.float()
+    if not torch.isfinite(s).all():
+        raise ValueError("the weight has non-finite values (inf or NaN), or a range that overflows fp32: "
+                         "it cannot be quantized")
+    smallest = fi.tiny * fi.eps  # the smallest subnormal
+    if (s > fi.max).any():
+        raise ValueError(f"a scale of {s.max().item():.3g} (weights up to ~{s.max().item() * 127:.3g}) does not "
+                         f"fit scale_dtype={dtype} (max {fi.max:.3g}): pass scale_dtype=torch.float32")
+    if ((s > 0) & (s < smallest)).any():
+        tiny = s[s > 0].min().item()
+        raise ValueError(f"a scale of {tiny:.3g} underflows scale_dtype={dtype} (smallest {smallest:.3g}), so every "
+                         f"code would round to zero: pass scale_dtype=torch.float32 or rescale the weight")
+    s = s.clamp_min(smallest)  # an all-zero row still divides
     st = s.to(dtype)
     bits = {2: torch.int16, 4: torch.int32}[st.element_size()]
-    return (st.view(bits) + (st.float() < s).to(bits)).view(dtype)  # +1 ulp where rounding went down
+    st = (st.view(bits) + (st.float() < s).to(bits)).view(dtype)  # +1 ulp where rounding went down
+    if not torch.isfinite(st).all():  # rounding up past the largest finite value
+        raise ValueError(f"a scale of {s.max().item():.3g} rounds up past the largest {dtype}: "
+                         f"pass scale_dtype=torch.float32")
+    return st
 
 
 def _groups(W: torch.Tensor, size: int) -> torch.Tensor:
@@ -98,6 +121,10 @@ def _groups(W: torch.Tensor, size: int) -> torch.Tensor:
 
 def _check(W: torch.Tensor, group: int | None = None):
     """A weight (N, K); for the 4-bit formats (``group`` given) K even and a usable group size."""
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W must be a torch.Tensor (N, K), got {type(W).__name__}")
+    if not W.is_floating_point():
+        raise TypeError(f"W must be a floating-point weight (N, K), got dtype {W.dtype}")
     if W.dim() != 2:
         raise ValueError(f"need a weight matrix (N, K), got shape {tuple(W.shape)}")
     if group is not None and W.shape[1] % 2:
@@ -511,6 +538,26 @@ def _launch(kernel, x, N, args, bias, **meta):
     return y.reshape(*x.shape[:-1], N)
 
 
+def _need(cond: bool, msg: str, exc=ValueError):
+    if not cond:
+        raise exc(msg)
+
+
+def _check_x(x: torch.Tensor, K: int, op: str):
+    _need(isinstance(x, torch.Tensor) and x.is_floating_point(),
+          f"{op}: x must be a floating-point tensor (fp16, bf16 or fp32), got "
+          f"{getattr(x, 'dtype', type(x).__name__)}; convert integer activations with x.float()", TypeError)
+    _need(x.dim() >= 1 and x.shape[-1] == K,
+          f"{op}: x has {x.shape[-1] if x.dim() else 0} features (shape {tuple(x.shape)}), the weight {K}")
+
+
+def _check_vec(t, name: str, length: int, op: str, what: str):
+    if t is None:
+        return
+    _need(t.is_floating_point(), f"{op}: {name} must be floating point, got {t.dtype}", TypeError)
+    _need(tuple(t.shape) == (length,), f"{op}: {name} must have shape ({length},) ({what}), got {tuple(t.shape)}")
+
+
 def _fallback(x, W, in_scale, bias):
     if in_scale is not None:
         x = (x.float() * in_scale.float()).to(x.dtype)
@@ -520,8 +567,13 @@ def _fallback(x, W, in_scale, bias):
 @torch.library.custom_op("labutils::w8a16_linear", mutates_args=())
 def w8a16_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, q * scale[:, None], bias) for INT8 q (N, K): Triton for 1..16 rows, else F.linear."""
-    if x.shape[-1] != q.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight {q.shape[1]}")
+    op = "w8a16_linear"
+    _need(q.dtype == torch.int8 and q.dim() == 2,
+          f"{op}: q must be int8 codes (N, K), got {q.dtype} of shape {tuple(q.shape)}")
+    N, K = q.shape
+    _check_x(x, K, op)
+    _check_vec(scale, "scale", N, op, "one per output row of q")
+    _check_vec(bias, "bias", N, op, "one per output")
     if not 1 <= _rows(x) <= MAX_ROWS:
         return _fallback(x, Int8Weight(q, scale).dequantize(), None, bias)
     q = q.contiguous()
@@ -541,9 +593,26 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
                  group_size: int) -> torch.Tensor:
     """F.linear(x * in_scale, deq, bias) with 4-bit codes: INT4 when ``zero`` is given, NF4 (``code``
     the 16-entry table, ``scale`` the absmax) otherwise. Triton for 1..16 rows, else F.linear."""
+    op = "w4a16_linear"
+    _need(packed.dtype == torch.uint8 and packed.dim() == 2,
+          f"{op}: packed must be uint8 (N, K/2), got {packed.dtype} of shape {tuple(packed.shape)}")
     N, K = packed.shape[0], 2 * packed.shape[1]
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight {K}")
+    _check_x(x, K, op)
+    _need(isinstance(group_size, int) and group_size >= 8 and group_size % 2 == 0,
+          f"{op}: group_size must be an even int >= 8 (the quantizer's group / block size), got {group_size!r}")
+    NG = -(-K // group_size)
+    _need(scale.is_floating_point(), f"{op}: scale must be floating point, got {scale.dtype}", TypeError)
+    _need(tuple(scale.shape) == (N, NG), f"{op}: scale must have shape (N, ceil(K/group_size)) = ({N}, {NG}) "
+          f"for K={K}, group_size={group_size}, got {tuple(scale.shape)}")
+    if zero is not None:
+        _need(zero.dtype == torch.uint8 and tuple(zero.shape) == (N, NG), f"{op}: zero must be uint8 of shape "
+              f"({N}, {NG}) like scale, got {zero.dtype} of shape {tuple(zero.shape)}")
+    else:
+        _need(code is not None and tuple(code.shape) == (16,) and code.is_floating_point(),
+              f"{op}: NF4 (zero=None) needs code, the 16-entry float table NF4_CODE; got "
+              f"{None if code is None else (code.dtype, tuple(code.shape))}")
+    _check_vec(in_scale, "in_scale", K, op, "one per input feature")
+    _check_vec(bias, "bias", N, op, "one per output")
     nf4 = zero is None
     if not 1 <= _rows(x) <= MAX_ROWS:
         W = (NF4Weight(packed, scale, group_size) if nf4 else Int4Weight(packed, scale, zero, group_size)).dequantize()
