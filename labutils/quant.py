@@ -783,6 +783,16 @@ def awq_search(W: torch.Tensor, X: torch.Tensor, act_mean: torch.Tensor, fmt: st
     Returns (s (K,), info) with info = {'alpha', 'err_rtn', 'err'}.
     """
     quantize = _quantizer(fmt, dict(kw, scale_dtype=scale_dtype))
+    _check(W)
+    K = W.shape[1]
+    if X.dim() != 2 or X.shape[1] != K or not X.is_floating_point():
+        raise ValueError(f"awq_search: X must be floating calibration inputs (rows, {K}), got {X.dtype} of "
+                         f"shape {tuple(X.shape)}")
+    if tuple(act_mean.shape) != (K,):
+        raise ValueError(f"awq_search: act_mean must have shape ({K},) (mean |x| per input channel), got "
+                         f"{tuple(act_mean.shape)}")
+    if not isinstance(n_grid, int) or n_grid < 1:
+        raise ValueError(f"awq_search: n_grid must be a positive int, got {n_grid!r}")
     W, X = W.detach().float(), X.float()
     Y = X @ W.T  # (rows, N)
     a = act_mean.float().clamp_min(1e-4)

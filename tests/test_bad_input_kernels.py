@@ -75,6 +75,10 @@ CASES = [
      r"underflows scale_dtype=torch.float16.*every code would round to zero"),
     ("nf4 tiny fp16 scale", Q.quantize_nf4, (torch.full((2, 64), 1e-9),), ValueError, r"underflows"),
     ("bad scale dtype", lambda: Q.quantize_int8(_w(), scale_dtype=torch.int8), (), ValueError, r"scale_dtype must be"),
+    ("awq X", Q.awq_search, (_w(), torch.randn(8, K - 1), torch.ones(K)), ValueError, r"X must be .*\(rows, 64\)"),
+    ("awq act_mean", Q.awq_search, (_w(), torch.randn(8, K), torch.ones(3)), ValueError, r"act_mean must have shape \(64,\)"),
+    ("awq n_grid", lambda: Q.awq_search(_w(), torch.randn(8, K), torch.ones(K), n_grid=0), (), ValueError, r"n_grid"),
+    ("awq fmt", Q.awq_search, (_w(), torch.randn(8, K), torch.ones(K), "int8"), ValueError, r"4-bit formats"),
     # activation quantization
     ("quant_rows int x", A.quant_rows, (torch.ones(2, 8, dtype=torch.int32),), TypeError, r"x must be floating.*int32"),
     ("quant_rows dtype", A.quant_rows, (torch.randn(2, 8), torch.float16), ValueError, r"int8 or torch.float8"),
