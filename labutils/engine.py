@@ -18,6 +18,11 @@ overhead in stages:
 
 Inside the captured step the sampled token is written back into the input buffer and the position
 advanced, so the loop is ``replay(); record token`` per step.
+
+The engine's caches are attached to the model only while prefill / decode run
+(``Decoder.kv_caches_attached``), so a plain forward, a perplexity run or another engine on the same
+model never sees them. (A captured CUDA graph baked the caches in when it was recorded, with them
+attached, so its replays need nothing attached.)
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import time
 
 import torch
 
+from .generate import check_count, check_token_ids
 from .kv_cache import static_caches
 
 MODES = ("eager", "graph", "compile")
@@ -60,6 +66,8 @@ class DecodeEngine:
             raise ValueError("regional=True is a way of compiling: it needs mode='compile'")
         if mode != "eager" and model.device.type != "cuda":
             raise RuntimeError(f"mode={mode!r} captures CUDA graphs and needs a GPU; use mode='eager' on the CPU")
+        batch = check_count(batch, "batch", minimum=1)
+        max_seq_len = check_count(max_seq_len, "max_seq_len", minimum=2)
         self.model, self.batch, self.mode = model, batch, mode
         self.max_seq_len = max_seq_len
         self.caches = static_caches(model, batch, max_seq_len)
@@ -67,6 +75,7 @@ class DecodeEngine:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # the step's input token
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # its position
         self.graph = None
+        self._ready = False  # True once prefill has filled the cache: decode continues from there
         step = self._step
         self.regional = regional
         if mode == "compile":
@@ -85,8 +94,20 @@ class DecodeEngine:
         pos.add_(1)
         return nxt
 
-    def _attach(self):
-        self.model.set_kv_caches(self.caches)
+    def _attached(self):
+        """The engine's caches on the model for one call, then whatever was there before put back."""
+        return self.model.kv_caches_attached(self.caches)
+
+    def _check_prompt(self, idx, name="idx") -> int:
+        """T of the prompt idx (B, T), or one clear error: not 2-D integer ids, wrong batch or device,
+        ids outside the vocabulary, empty, or no room left in the cache."""
+        B, T = check_token_ids(idx, name, self.model.cfg.vocab_size, self.model.device)
+        if B != self.batch:
+            raise ValueError(f"engine built for batch {self.batch}, got {name} of batch {B} (shape {tuple(idx.shape)})")
+        if T >= self.max_seq_len:
+            raise ValueError(f"a prompt of {T} tokens leaves no room in the cache's {self.max_seq_len} positions; "
+                             f"build the engine with max_seq_len > {T}")
+        return T
 
     def _capture(self):
         """Compile (and autotune) with one step on the default stream, warm up on a side stream, then
@@ -111,43 +132,51 @@ class DecodeEngine:
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """Run the prompt idx (B, T) through the model, filling the cache; returns the first new token."""
-        B, T = idx.shape
-        if B != self.batch:
-            raise ValueError(f"engine built for batch {self.batch}, got {B}")
-        if T >= self.max_seq_len:
-            raise ValueError(f"a prompt of {T} tokens leaves no room in the cache's {self.max_seq_len} positions")
-        self._attach()
+        T = self._check_prompt(idx)
+        self._ready = False  # until this prefill completes, decode refuses to run on a half-filled cache
         for c in self.caches:
             c.reset()
         # compiled layers (regional): the prompt runs eagerly, not one compile per prompt length
-        with torch.compiler.set_stance("force_eager") if self.regional else contextlib.nullcontext():
+        with self._attached(), \
+                torch.compiler.set_stance("force_eager") if self.regional else contextlib.nullcontext():
             logits = self.model(idx, torch.arange(T, device=idx.device), last_only=True)
         self.tok.copy_(logits[:, -1].argmax(dim=-1, keepdim=True))
         self.pos.fill_(T)
+        self._ready = True
         return self.tok.clone()
 
     @torch.no_grad()
     def decode(self, n: int) -> torch.Tensor:
-        """n more tokens after prefill (or after the last decode): (B, n)."""
+        """n more tokens after prefill (or after the last decode): (B, n); n = 0 gives (B, 0)."""
+        n = check_count(n, "n")
+        if not self._ready:
+            raise RuntimeError("decode continues a prompt: call prefill(idx) first (or use generate(idx, n))")
         if int(self.pos) + n > self.max_seq_len:
             raise ValueError(f"{int(self.pos)} + {n} tokens exceed the cache's {self.max_seq_len} positions")
-        self._attach()
-        if self.mode != "eager" and self.graph is None:
-            self._capture()
         out = torch.empty(self.batch, n, dtype=torch.long, device=self.tok.device)
-        for i in range(n):
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self.step_fn(self.tok, self.pos)
-            out[:, i : i + 1].copy_(self.tok)
+        if n == 0:
+            return out
+        with self._attached():  # capture records the step with the caches attached
+            if self.mode != "eager" and self.graph is None:
+                self._capture()
+            for i in range(n):
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self.step_fn(self.tok, self.pos)
+                out[:, i : i + 1].copy_(self.tok)
         return out
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy continuation: idx (B, T) -> (B, T + max_new_tokens)."""
+        """Greedy continuation: idx (B, T) -> (B, T + max_new_tokens); 0 new tokens gives a copy of idx."""
+        T = self._check_prompt(idx)
+        max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
         if max_new_tokens < 1:
             return idx.clone()
+        if T + max_new_tokens - 1 > self.max_seq_len:  # checked before prefill touches the cache
+            raise ValueError(f"a prompt of {T} tokens plus max_new_tokens={max_new_tokens} needs "
+                             f"{T + max_new_tokens - 1} cache positions, the engine holds {self.max_seq_len}")
         first = self.prefill(idx)
         return torch.cat([idx, first, self.decode(max_new_tokens - 1)], dim=1)
 
@@ -155,11 +184,18 @@ class DecodeEngine:
     def decode_tok_s(self, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> float:
         """Decode throughput in tokens/s for all sequences together (prefill not counted); best of
         ``repeats`` timed runs after one warm-up run."""
+        T = self._check_prompt(idx)
+        n = check_count(n, "n", minimum=1)
+        repeats = check_count(repeats, "repeats", minimum=1)
+        if T + n > self.max_seq_len:
+            raise ValueError(f"a prompt of {T} tokens plus n={n} decode steps needs {T + n} cache positions, "
+                             f"the engine holds {self.max_seq_len}")
         best = float("inf")
         for r in range(repeats + 1):
             self.prefill(idx)
             if self.mode != "eager" and self.graph is None:
-                self._capture()
+                with self._attached():
+                    self._capture()
             sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
             sync()
             t0 = time.perf_counter()
@@ -179,6 +215,16 @@ def hf_decode_tok_s(hf_model, idx: torch.Tensor, n: int = 64, repeats: int = 2,
     ``static_cache_len``: give every call a fresh transformers ``StaticCache`` of that many positions
     (one shape for all calls, so the forward that transformers then compiles is compiled once).
     """
+    device = next(hf_model.parameters()).device
+    B, T = check_token_ids(idx, "idx", getattr(hf_model.config, "vocab_size", None), device)
+    n = check_count(n, "n", minimum=2)  # the rate is a difference between n tokens and 1 token
+    repeats = check_count(repeats, "repeats", minimum=1)
+    if static_cache_len is not None:
+        static_cache_len = check_count(static_cache_len, "static_cache_len", minimum=1)
+        if static_cache_len < T + n:
+            raise ValueError(f"static_cache_len={static_cache_len} cannot hold a prompt of {T} tokens plus "
+                             f"n={n} new ones: use static_cache_len >= {T + n}")
+
     def timed(k):
         best = float("inf")
         for _ in range(repeats):

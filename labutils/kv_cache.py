@@ -20,6 +20,19 @@ from __future__ import annotations
 import torch
 
 
+def _capturing_or_compiling() -> bool:
+    """True while torch.compile traces or a CUDA graph records: no host-side check may run then."""
+    compiler = getattr(torch, "compiler", None)
+    is_compiling = getattr(compiler, "is_compiling", None)
+    if is_compiling is not None and is_compiling():
+        return True
+    is_capturing = getattr(torch.cuda, "is_current_stream_capturing", None)
+    try:
+        return bool(is_capturing is not None and torch.cuda.is_available() and is_capturing())
+    except RuntimeError:
+        return False
+
+
 class StaticKVCache(torch.nn.Module):
     def __init__(self, batch: int, n_kv_head: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype, device=None):
@@ -32,7 +45,28 @@ class StaticKVCache(torch.nn.Module):
     def max_seq_len(self) -> int:
         return self.k.shape[2]
 
+    def _check_positions(self, input_pos, k):
+        """Clear errors for positions the cache cannot hold (instead of index_copy_'s raw one). Skipped
+        while compiling or while a CUDA graph records (a value check would sync / break the graph);
+        positions on the GPU cost one sync, on the CPU nothing."""
+        if _capturing_or_compiling():
+            return
+        T = k.shape[2]
+        if input_pos.dim() not in (1, 2) or input_pos.shape[-1] != T or \
+                (input_pos.dim() == 2 and input_pos.shape[0] != k.shape[0]):
+            raise ValueError(f"input_pos must be (T,) or (B, T) = ({k.shape[0]}, {T}) for {T} new keys, "
+                             f"got shape {tuple(input_pos.shape)}")
+        if input_pos.dtype.is_floating_point or input_pos.dtype == torch.bool:
+            raise TypeError(f"input_pos must hold integer positions, got dtype {input_pos.dtype}")
+        if input_pos.numel():
+            lo, hi = (int(t) for t in torch.aminmax(input_pos))
+            if lo < 0 or hi >= self.max_seq_len:
+                raise ValueError(f"input_pos {lo}..{hi} is outside this StaticKVCache's {self.max_seq_len} "
+                                 f"positions (0..{self.max_seq_len - 1}); build the cache with "
+                                 f"max_seq_len >= {hi + 1}")
+
     def update(self, input_pos, k, v):
+        self._check_positions(input_pos, k)
         if input_pos.dim() == 1:  # the same positions for every sequence
             self.k.index_copy_(2, input_pos, k)
             self.v.index_copy_(2, input_pos, v)
@@ -68,6 +102,10 @@ class ConcatKVCache:
 def static_caches(model, batch: int, max_seq_len: int, dtype=None, device=None) -> list[StaticKVCache]:
     """One StaticKVCache per layer of the lab decoder ``model``, in its dtype and on its device."""
     c = model.cfg
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be an integer >= 1, got {max_seq_len!r}")
     if max_seq_len > c.max_seq_len:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {c.max_seq_len}")
     dtype, device = dtype or model.dtype, device or model.device

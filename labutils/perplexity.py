@@ -15,7 +15,9 @@ Numbers are only comparable for the same text, tokenizer, window and stride.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -23,7 +25,9 @@ import torch.nn.functional as F
 
 
 def _logits(model, idx: torch.Tensor) -> torch.Tensor:
-    out = model(idx)
+    scoped = getattr(model, "kv_caches_attached", None)  # the lab Decoder: each window starts at 0,
+    with scoped(None) if scoped is not None else contextlib.nullcontext():  # so no cache, whoever attached one
+        out = model(idx)
     return out.logits if hasattr(out, "logits") else out  # a transformers model or the lab Decoder
 
 
@@ -36,6 +40,9 @@ def _device(model) -> torch.device:
 
 def windows(n: int, window: int, stride: int):
     """(begin, end, first): the window ids[begin:end] scores targets ids[first:end]."""
+    for name, value in (("n", n), ("window", window), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if window < 2 or not 1 <= stride <= window:
         raise ValueError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}")
     done = 1  # ids[0] has no context: never scored
@@ -54,8 +61,13 @@ def nll(model, ids, window: int = 512, stride: int | None = None, progress: bool
     """(sum of -log p over scored tokens, number of scored tokens) for token ids (n,)."""
     from tqdm.auto import tqdm
 
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(_device(model))
-    spans = list(windows(ids.numel(), window, stride or window))
+    ids = torch.as_tensor(ids)
+    if ids.numel() and (ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex):
+        raise TypeError(f"ids must be integer token ids, got dtype {ids.dtype}; use .long() if the values are ids")
+    if ids.dim() > 1 and sum(s > 1 for s in ids.shape) > 1:
+        raise ValueError(f"ids must be one sequence of token ids (n,) or (1, n), got shape {tuple(ids.shape)}")
+    ids = ids.long().reshape(-1).to(_device(model))
+    spans = list(windows(ids.numel(), window, window if stride is None else stride))
     total, count = 0.0, 0
     for begin, end, first in tqdm(spans, desc="perplexity", disable=not progress):
         logits = _logits(model, ids[None, begin:end])[0]  # (end - begin, vocab): position t predicts t + 1
@@ -71,10 +83,19 @@ def perplexity(model, tokenizer, text: str, window: int = 512, stride: int | Non
     (1, T) to logits (1, T, vocab)) on ``text``. ``stride`` defaults to ``window`` (non-overlapping
     windows); ``max_tokens`` keeps a prefix of the tokens (CPU smoke runs). Run it without a KV cache
     attached: each window starts at position 0."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 2:
+            raise ValueError(f"max_tokens must be None or an integer >= 2 (one token of context, one scored), "
+                             f"got {max_tokens!r}")
+    if stride is not None and (isinstance(stride, bool) or not isinstance(stride, numbers.Integral)):
+        raise TypeError(f"stride must be None or an integer, got {stride!r}")
+    list(windows(0, window, window if stride is None else stride))  # window / stride checked before tokenizing
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     total, count = nll(model, ids, window, stride, progress)
     if not count:
-        raise ValueError(f"nothing to score: {len(ids)} tokens")
+        raise ValueError(f"nothing to score: text gave {len(ids)} tokens, need at least 2")
     return math.exp(total / count)
