@@ -280,6 +280,9 @@ class Decoder(nn.Module):
         as ``(logits, hidden)`` with hidden (B, T or 1, d): the features a draft head learns from
         (notebook 05).
         """
+        if idx.dim() != 2 or idx.shape[1] == 0 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise ValueError(f"idx must be integer token ids (B, T) with T >= 1, got shape {tuple(idx.shape)} "
+                             f"and dtype {idx.dtype}; use idx[None] for one sequence, idx.long() for ids")
         B, T = idx.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)

@@ -185,3 +185,9 @@ def test_failed_prefill_leaves_the_engine_unready(model):
     with pytest.raises(ValueError, match="empty prompt"):
         e.prefill(EMPTY)  # refused before touching anything: the previous prompt still decodes
     assert e.decode(1).shape == (1, 1)
+
+
+@pytest.mark.parametrize("ids", [IDS[0], EMPTY, IDS.float()], ids=["1-D", "empty", "float"])
+def test_decoder_forward_refuses_bad_ids(model, ids):
+    with pytest.raises(ValueError, match=r"idx must be integer token ids \(B, T\) with T >= 1"):
+        model(ids)
