@@ -47,8 +47,10 @@ class StaticKVCache(torch.nn.Module):
 
     def _check_positions(self, input_pos, k):
         """Clear errors for positions the cache cannot hold (instead of index_copy_'s raw one). Skipped
-        while compiling or while a CUDA graph records (a value check would sync / break the graph);
-        positions on the GPU cost one sync, on the CPU nothing."""
+        while compiling or while a CUDA graph records (a value check would sync / break the graph).
+        The range is checked only for positions on the CPU: on a GPU it would cost a host sync per
+        layer and step (eager decoding slows measurably); the engines and generation helpers check
+        lengths against the cache before they write."""
         if _capturing_or_compiling():
             return
         T = k.shape[2]
@@ -58,7 +60,7 @@ class StaticKVCache(torch.nn.Module):
                              f"got shape {tuple(input_pos.shape)}")
         if input_pos.dtype.is_floating_point or input_pos.dtype == torch.bool:
             raise TypeError(f"input_pos must hold integer positions, got dtype {input_pos.dtype}")
-        if input_pos.numel():
+        if input_pos.numel() and input_pos.device.type == "cpu":
             lo, hi = (int(t) for t in torch.aminmax(input_pos))
             if lo < 0 or hi >= self.max_seq_len:
                 raise ValueError(f"input_pos {lo}..{hi} is outside this StaticKVCache's {self.max_seq_len} "
