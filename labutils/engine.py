@@ -115,8 +115,7 @@ class DecodeEngine:
         the side stream stalled for over 7 minutes in one notebook run; on the default stream it
         takes 20-60 s: scripts/probes/probe_e2e.py.)"""
         saved_tok, saved_pos = self.tok.clone(), self.pos.clone()  # warm-up steps advance both
-        if self.mode == "compile":
-            self.step_fn(self.tok, self.pos)
+        self.step_fn(self.tok, self.pos)  # also in "graph" mode: the model's layers may be compiled (compile_layers)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
