@@ -52,6 +52,12 @@ def compile_layers(model, **compile_kw):
     depth. Every later call of these layers runs compiled code; ``torch.compiler.set_stance
     ("force_eager")`` runs them eagerly (as DecodeEngine's prefill does, to avoid one compile per
     prompt length)."""
+    import torch._dynamo.config as dynamo_config
+
+    # one graph per kind of layer: a notebook comparing variants of a model (cuBLAS or SmallMLinear,
+    # SDPA or Triton attention, another dtype or architecture) needs more than Dynamo's default of 8
+    # graphs for the one Block.forward, and with fullgraph=True passing the limit is an error
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     for layer in model.layers:
         layer.compile(**{"fullgraph": True, "dynamic": False, **compile_kw})
     return model

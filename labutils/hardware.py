@@ -56,3 +56,19 @@ def spec_sheet(name: str | None = None) -> tuple[float, float] | None:
         if key in name:
             return spec
     return None
+
+
+def ceilings() -> dict:
+    """This device's two ceilings for a later notebook: ``copy_gbps`` and ``matmul_bf16_tflops``,
+    read from notebook 00's results when those were measured on this device (in the same mode, smoke
+    or full), so that every notebook of a book run divides by the same measurement; measured here
+    otherwise. ``source`` says which ("notebook 00 (<date>)" or "measured now")."""
+    from .results import load_results
+
+    rec = load_results("00_roofline")
+    if rec is not None and rec.get("device") == runtime.device_name():
+        m = rec["metrics"]
+        return {"copy_gbps": float(m["copy_gbps"]), "matmul_bf16_tflops": float(m["matmul_bf16_tflops"]),
+                "source": f"notebook 00 ({rec.get('created', '?')[:10]})"}
+    return {"copy_gbps": copy_bandwidth_gbps()["gbps"], "matmul_bf16_tflops": matmul_peak_tflops(torch.bfloat16)[0],
+            "source": "measured now"}

@@ -145,3 +145,19 @@ def test_chart():
     fig2 = roofline.chart(100.0, 1000.0, pd.DataFrame({"label": ["k"], "intensity": [10.0], "tflops": [2.5]}))
     assert [list(t.y) for t in fig2.data if t.name != "roof"] == [[2.5]]
     assert [t.name for t in roofline.chart(100.0, 1000.0).data] == ["roof"]
+
+
+def test_ceilings_read_notebook_00_of_this_device_else_measure(tmp_path, monkeypatch):
+    from labutils import hardware, runtime
+    from labutils.results import save_results
+
+    monkeypatch.setenv("LAB_RESULTS_DIR", str(tmp_path))
+    measured = hardware.ceilings()  # no results yet: measured (small sizes on a CPU)
+    assert measured["source"] == "measured now" and measured["copy_gbps"] > 0 and measured["matmul_bf16_tflops"] > 0
+    save_results("00_roofline", {"copy_gbps": 1234.5, "matmul_bf16_tflops": 67.8})
+    read = hardware.ceilings()
+    assert (read["copy_gbps"], read["matmul_bf16_tflops"]) == (1234.5, 67.8)
+    assert read["source"].startswith("notebook 00")
+    rec = (tmp_path / "00_roofline.json").read_text().replace(runtime.device_name(), "another GPU")
+    (tmp_path / "00_roofline.json").write_text(rec)  # another device's numbers are not used
+    assert hardware.ceilings()["source"] == "measured now"
