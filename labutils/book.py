@@ -96,10 +96,30 @@ def execute(path: Path, timeout: int, deadline: float | None = None) -> tuple[bo
         ok = False
         print(str(e)[-3000:], file=sys.stderr)
     seconds = time.perf_counter() - t0
+    drop_widget_views(nb)
     out = path if (ok and not runtime.smoke()) else BUILD / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
     return ok, out, seconds
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_widget_views(nb) -> int:
+    """Remove widget views from a notebook's saved outputs (and any saved widget state), keeping
+    their text: a saved view points at widget state that a saved notebook does not keep (kept, the
+    state of a notebook's sliders weighed ~270 KB), so no viewer could draw it; the text says what
+    the slider is, and the function's output for its default values sits above it. Returns how many
+    views were removed."""
+    n = 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if WIDGET_VIEW in out.get("data", {}):
+                del out["data"][WIDGET_VIEW]
+                n += 1
+    nb.metadata.pop("widgets", None)
+    return n
 
 
 def headlines(stems: list[str]) -> str:

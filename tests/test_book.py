@@ -27,6 +27,29 @@ def test_deadline_stops_a_cell_and_keeps_the_outputs(tmp_path, monkeypatch):
     assert not done.cells[2].get("outputs"), "a cell after the stopped one ran"
 
 
+def test_run_saves_no_widget_state_and_keeps_the_sliders_text(tmp_path, monkeypatch):
+    """A slider's saved view would point at widget state the notebook does not keep: the runner
+    saves neither, leaving the slider's text (and the output of the direct call above it)."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "from labutils.notebook import slider\n"
+        "def f(n=3):\n    print('n squared is', n * n)\n"
+        "f()\nslider(f, n=(1, 9, 1, 3))")]
+    path = tmp_path / "99_slider.ipynb"
+    nbformat.write(nb, path)
+    monkeypatch.setattr(book, "BUILD", tmp_path / "build")
+    ok, out, _ = book.execute(path, timeout=120)
+    assert ok
+    done = nbformat.read(out, as_version=4)
+    assert "widgets" not in done.metadata
+    outputs = done.cells[0].outputs
+    assert "n squared is 9" in outputs[0]["text"]
+    views = [o for o in outputs if book.WIDGET_VIEW in o.get("data", {})]
+    assert not views, views
+    texts = [o["data"]["text/plain"] for o in outputs if "data" in o]
+    assert any(t.startswith("[slider over n") for t in texts), texts
+
+
 # ---- the student edition ------------------------------------------------------------------------------------
 SOLVED = '''import math
 
