@@ -338,6 +338,13 @@ def _draw(fig, mfig, notes: list[str]) -> None:
                 (ax.set_xlim if letter == "x" else ax.set_ylim)(lo, hi)
             if lax.autorange == "reversed":
                 (ax.invert_xaxis if letter == "x" else ax.invert_yaxis)()
+            if lax.visible is False:  # a diagram: no ticks, labels or spine on this axis
+                (ax.xaxis if letter == "x" else ax.yaxis).set_visible(False)
+                for side in (("bottom", "top") if letter == "x" else ("left", "right")):
+                    ax.spines[side].set_visible(False)
+        hidden = [(_layout_axis(layout, r) or {}) for r in (xr, yr)]
+        if any(getattr(a, "visible", None) is False for a in hidden):
+            continue  # no grid behind a diagram
         if (xr, yr) not in heat_axes:
             ax.grid(True, alpha=0.3, linewidth=0.6)
             ax.set_axisbelow(True)
@@ -368,7 +375,7 @@ def _draw(fig, mfig, notes: list[str]) -> None:
                 ax.add_line(Line2D([x0, x1], [y0, y1], transform=tr, color=lc or "0.25", linestyle=ls, linewidth=lw))
             elif (s.type or "rect") == "rect":
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, transform=tr, facecolor=_color(s.fillcolor) or "0.5",
-                                       alpha=s.opacity if s.opacity is not None else 0.2,
+                                       alpha=s.opacity if s.opacity is not None else 1.0,  # plotly's default
                                        edgecolor=lc or "none", linewidth=lw if lc else 0))
             else:
                 notes.append(f"{s.type} shape")
@@ -391,7 +398,12 @@ def _draw(fig, mfig, notes: list[str]) -> None:
             ax, tr, xr, yr = place(a.xref, a.yref)
             ha = a.xanchor if a.xanchor in ("left", "right") else "center"
             va = _VA.get(a.yanchor, "center" if a.showarrow is False else "bottom")
-            xy = (coord(a.x, xr), coord(a.y, yr))
+            xy = [coord(a.x, xr), coord(a.y, yr)]
+            for i, (ref, r) in enumerate(((a.xref, xr), (a.yref, yr))):  # plotly: an annotation's x on a
+                lax = _layout_axis(layout, r)                            # log axis is log10 of the value
+                if (ref or "").endswith(("paper", "domain")) is False and lax is not None and lax.type == "log" \
+                        and isinstance(xy[i], (int, float)):
+                    xy[i] = 10 ** xy[i]
             if a.showarrow is False:
                 ax.text(*xy, _text(a.text), transform=tr, ha=ha, va=va, fontsize=8, clip_on=False)
             else:

@@ -27,8 +27,9 @@ def matmul_tflops(n: int, dtype: torch.dtype, rep_ms: float = 200) -> dict:
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
     t = time_fn(lambda: a @ b, rep_ms=rep_ms)
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "ms": t.median_ms,
-            "tflops": 2 * n**3 / (t.median_ms * 1e-3) / 1e12}
+    rate = lambda ms: 2 * n**3 / (ms * 1e-3) / 1e12  # noqa: E731
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "ms": t.median_ms, "ms_p20_p80": [t.p20_ms, t.p80_ms],
+            "tflops": rate(t.median_ms), "tflops_p20_p80": [rate(t.p80_ms), rate(t.p20_ms)]}
 
 
 def matmul_peak_tflops(dtype: torch.dtype | None = None, sizes=None) -> tuple[float, list[dict]]:

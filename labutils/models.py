@@ -14,6 +14,7 @@ weights: right for speed (which depends on shapes), meaningless for text quality
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -21,6 +22,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -88,13 +90,31 @@ def _check_writable(directory: Path) -> None:
             f"writable directory (e.g. LABUTILS_CACHE=/tmp/labutils-cache)") from None
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' loading progress bars off for one load (a bar stays in a notebook's saved
+    output as ``0%|`` text), and back to what they were after."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with mock.patch.object(gguf_utils, "tqdm", lambda it, *a, **k: it):  # the GGUF reader's own bar
+            yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _dequantize(gguf: Path):
     """(model, tokenizer) read from the GGUF, dequantized to fp32 (~20 s); reader errors name the file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ImportError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:  # the GGUF reader's own errors (struct, ValueError, KeyError, ...) name no file
@@ -118,7 +138,8 @@ def _embedded_cache() -> Path:
 
     gguf = embedded_gguf()
     _check_writable(target.parent)
-    print(f"first use: dequantizing {gguf.name} to a safetensors cache in {target} (~20 s, once)")
+    print(f"first use: dequantizing {gguf.name} to a safetensors cache (~20 s, once; "
+          f"labutils.models.cache_dir() says where)")
     model, tokenizer = _dequantize(gguf)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
@@ -183,8 +204,9 @@ def load_model(name: str | None = EMBEDDED, dtype: torch.dtype | None = torch.fl
                 raise ModelUnavailableError(_offline_message(name)) from None
             kwargs = {}
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model.load_seconds = time.perf_counter() - t0
     return model, tokenizer
 

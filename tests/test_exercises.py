@@ -30,7 +30,7 @@ def test_stub_fails_with_the_hint(name, capsys):
         # your code here
         raise NotImplementedError(f"exercise: {name}")
 
-    assert check(name, stub) is False
+    assert not check(name, stub)
     out = capsys.readouterr().out
     assert out.startswith(f"✗ {name}: not written yet"), out
     assert EXERCISES[name].hint in out
@@ -84,7 +84,7 @@ WRONG = [("expected_tokens", _off_by_one, "a = 1: every draft accepted", "got 4,
 
 @pytest.mark.parametrize("name, fn, label, detail", WRONG, ids=[w[1].__name__ for w in WRONG])
 def test_wrong_answer_fails_naming_the_case(name, fn, label, detail, capsys):
-    assert check(name, fn) is False
+    assert not check(name, fn)
     out = capsys.readouterr().out
     assert out.startswith(f"✗ {name}: failed "), out
     assert label in out and detail in out, out
@@ -108,7 +108,7 @@ def test_exception_in_the_readers_function_is_reported_not_raised(capsys):
     def crashes(tokens, k, n):
         return tokens[len(tokens)]
 
-    assert check("ngram_propose", crashes) is False
+    assert not check("ngram_propose", crashes)
     out = capsys.readouterr().out
     assert "raised IndexError" in out and "return tokens[len(tokens)]" in out and "hint: " in out, out
     assert "Traceback" not in out
@@ -120,7 +120,7 @@ def test_changing_the_inputs_in_place_is_a_failure(capsys):
         p.clamp_(min=0)
         return p / p.sum()
 
-    assert check("residual", in_place) is False
+    assert not check("residual", in_place)
     assert "changed its inputs in place" in capsys.readouterr().out
 
 
@@ -160,3 +160,18 @@ def test_predict(capsys):
     assert "off by 4.0x" in predict("speed-up", 8.0, 2.0)
     nudge = predict("tokens per pass", None, 2.5)
     assert "enter your prediction first" in nudge and "2.5" not in nudge
+
+
+def test_check_and_predict_results_do_not_display_twice(capsys):
+    """A check cell ends in check(...): its result is true/false for code, but a notebook shows only
+    the printed line (no stray ``True``); predict's returned line is not shown a second time."""
+    from IPython.core.formatters import DisplayFormatter
+
+    ok = check("expected_tokens", EXERCISES["expected_tokens"].reference)
+    bad = check("expected_tokens", lambda a, k: 0.0)
+    line = predict("tokens per pass", 3.0, 2.5)
+    assert ok and not bad and ok == True and bad == False  # noqa: E712
+    assert isinstance(line, str) and line.startswith("tokens per pass")
+    formatter = DisplayFormatter()  # what a notebook uses for a cell's last value
+    assert formatter.format(ok) == ({}, {}) and formatter.format(line) == ({}, {})
+    assert formatter.format(3.0)[0]["text/plain"] == "3.0"  # other values still show

@@ -105,3 +105,47 @@ def test_show_displays_one_raw_bundle(monkeypatch):
     monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append((obj, raw)))
     figures.show(go.Figure(go.Bar(x=["a", "b"], y=[1, 2])))
     assert len(shown) == 1 and shown[0][1] is True and "image/png" in shown[0][0]
+
+
+def test_diagram_with_hidden_axes_has_no_ticks_or_grid():
+    """A diagram (shapes and text, axes hidden in plotly) is drawn without axes in the PNG too."""
+    def diagram(visible):
+        fig = go.Figure()
+        fig.add_shape(type="rect", x0=0, x1=1, y0=0, y1=1, fillcolor="#8fd19e", line_color="#555")
+        fig.add_annotation(x=0.5, y=0.5, text="tile", showarrow=False)
+        fig.update_xaxes(visible=visible, range=[-0.5, 4])
+        fig.update_yaxes(visible=visible, range=[-0.5, 1.5])
+        fig.update_layout(title="A diagram", height=300, width=600, plot_bgcolor="white")
+        img, _ = _png(figure_bundle(fig))  # no traces: shapes and text only
+        assert img.size == (600, 300)
+        return img
+
+    hidden, shown = diagram(False), diagram(True)
+    assert _has_colour(hidden, "#8fd19e"), "the shape was not drawn"
+    dark = lambda img: int((np.asarray(img, dtype=int).max(axis=-1) < 90).sum())  # noqa: E731
+    assert dark(hidden) < dark(shown), "hidden axes still drew ticks, labels or spines"
+
+
+def test_annotation_on_a_log_axis_is_placed_at_ten_to_its_x():
+    """plotly reads an annotation's x on a log axis as log10 of the value (shapes use the value):
+    the PNG puts the text where plotly does."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = go.Figure(go.Scatter(x=[1, 1000], y=[1, 2], mode="lines"))
+    fig.update_xaxes(type="log")
+    fig.add_annotation(x=2, y=1.5, text="at 100", showarrow=False)  # log10(100)
+    captured = {}
+    real_draw = figures._draw
+
+    def spy(fig_, mfig, notes):
+        real_draw(fig_, mfig, notes)
+        captured["texts"] = [(t.get_text(), t.get_position()) for ax in mfig.axes for t in ax.texts]
+
+    figures._draw = spy
+    try:
+        figure_bundle(fig)
+    finally:
+        figures._draw = real_draw
+    (text, (x, _)), = [t for t in captured["texts"] if t[0] == "at 100"]
+    assert x == pytest.approx(100), x

@@ -187,3 +187,16 @@ def test_shape_twin_memory_threshold(monkeypatch):
     models.shape_twin("Qwen2.5-7B", dtype=torch.bfloat16, device="cpu")
     with pytest.raises(MemoryError):  # but not in fp32, which needs twice the bytes
         models.shape_twin("Qwen2.5-7B", dtype=torch.float32, device="cpu")
+
+
+def test_first_use_dequantizes_quietly(tmp_path, monkeypatch, capfd):
+    """The first load converts the GGUF once (~20 s) and says so in one line, without a progress bar
+    (it would stay in a notebook's saved output) or an absolute path."""
+    from labutils import models
+
+    monkeypatch.setenv("LABUTILS_CACHE", str(tmp_path))
+    path = models._embedded_cache()
+    assert (path / "model.safetensors").is_file() and path.parent == tmp_path
+    out, err = capfd.readouterr()
+    assert out.startswith("first use: dequantizing SmolLM2-135M-Instruct.Q4_1.gguf") and str(tmp_path) not in out
+    assert "Converting" not in err and "%|" not in err, err[-500:]

@@ -184,9 +184,39 @@ def _where_raised(e: BaseException, fn: Callable) -> str:
 
 
 # ---- the two calls a notebook makes -----------------------------------------------------------------------------------
-def check(name: str, fn: Callable, seed: int = 0) -> bool:
+class Outcome:
+    """What ``check`` returns: true when the function passed. A notebook shows nothing for it (the
+    printed line says it all), so a check cell does not end in a stray ``True``."""
+
+    def __init__(self, passed: bool):
+        self.passed = bool(passed)
+
+    def __bool__(self):
+        return self.passed
+
+    def __eq__(self, other):
+        return self.passed == bool(other)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"<check {'passed' if self.passed else 'failed'}>"
+
+    def _ipython_display_(self):
+        pass
+
+
+class Line(str):
+    """What ``predict`` returns: the printed line, not displayed a second time in a notebook."""
+
+    def _ipython_display_(self):
+        pass
+
+
+def check(name: str, fn: Callable, seed: int = 0) -> Outcome:
     """Run ``fn`` on exercise ``name``'s cases against its reference; print one line (✓) on success,
-    or the first failing case and the hint. Never raises for a fault in ``fn``. Returns success."""
+    or the first failing case and the hint. Never raises for a fault in ``fn``. Returns an ``Outcome``
+    (true on success)."""
     ex = get(name)
     g = torch.Generator().manual_seed(seed)
     cases = list(ex.cases(g))
@@ -199,7 +229,7 @@ def check(name: str, fn: Callable, seed: int = 0) -> bool:
         except NotImplementedError as e:
             print(f"✗ {name}: not written yet ({e or 'NotImplementedError'}); fill in the function and run this cell again"
                   f"\n  hint: {ex.hint}")
-            return False
+            return Outcome(False)
         except Exception as e:  # the reader's bug: report it, no traceback
             failures.append((i, c, f"raised {type(e).__name__}: {str(e)[:200]}{_where_raised(e, fn)}"))
             continue
@@ -211,16 +241,16 @@ def check(name: str, fn: Callable, seed: int = 0) -> bool:
             failures.append((i, c, problem))
     if not failures:
         print(f"✓ {name}: passed on {len(cases)} cases")
-        return True
+        return Outcome(True)
     i, c, problem = failures[0]
     print(f"✗ {name}: failed {len(failures)} of {len(cases)} cases; the first is case {i + 1} ({c.label})\n"
           f"  inputs: {_describe_call(c, ex.reference)}\n"
           f"  {problem}\n"
           f"  hint: {ex.hint}")
-    return False
+    return Outcome(False)
 
 
-def predict(name: str, predicted: float | None, measured: float, unit: str = "") -> str:
+def predict(name: str, predicted: float | None, measured: float, unit: str = "") -> Line:
     """A "predict first" cell: how far ``predicted`` was from ``measured``. Prints and returns the line."""
     u = unit if unit in ("", "x", "%") else f" {unit}"
     if predicted is None:
@@ -237,7 +267,7 @@ def predict(name: str, predicted: float | None, measured: float, unit: str = "")
         line = (f"{name}: predicted {predicted:.4g}{u}, measured {measured:.4g}{u}: prediction / measured = {ratio:.2f} "
                 f"({abs(off):.0%} {'high' if off > 0 else 'low'}), {verdict}")
     print(line)
-    return line
+    return Line(line)
 
 
 # ---- every chapter's exercises (labutils/exercises/ch*.py) -----------------------------------------------------------
