@@ -79,11 +79,15 @@ def chart(peak_tflops: float, bw_gbps: float, points=None, title: str = "Rooflin
     import plotly.graph_objects as go
 
     ridge = ridge_point(peak_tflops, bw_gbps)
-    xs = np.logspace(-1, np.log10(max(ridge * 30, 1e4)), 200)
+    xs = np.union1d(np.logspace(-1, np.log10(max(ridge * 30, 1e4)), 200), [ridge])
     fig = go.Figure()
+    # The ridge is labelled by the roof's own text at its corner, in data units. Not
+    # add_vline(annotation_text=...): an annotation's x on a log axis is read as log10(x), so plotly
+    # would put the label at 10^ridge and stretch the axis out to it.
     fig.add_trace(go.Scatter(x=xs, y=[attainable_tflops(x, peak_tflops, bw_gbps) for x in xs],
-                             mode="lines", name="roof", line=dict(color="black")))
-    fig.add_vline(x=ridge, line_dash="dot", annotation_text=f"ridge {ridge:.0f} FLOP/B")
+                             mode="lines+text", text=[f"ridge {ridge:.0f} FLOP/B" if x == ridge else "" for x in xs],
+                             textposition="top center", name="roof", line=dict(color="black")))
+    fig.add_vline(x=ridge, line_dash="dot", line_color="grey")  # a shape: data units on a log axis
     if points is not None and len(points):
         df = points.copy()
         if "tflops" not in df:

@@ -161,3 +161,45 @@ def test_ceilings_read_notebook_00_of_this_device_else_measure(tmp_path, monkeyp
     rec = (tmp_path / "00_roofline.json").read_text().replace(runtime.device_name(), "another GPU")
     (tmp_path / "00_roofline.json").write_text(rec)  # another device's numbers are not used
     assert hardware.ceilings()["source"] == "measured now"
+
+
+def _log_axis_positions_are_sane(fig):
+    """Every shape and annotation placed in data coordinates on a log x axis lies within the x range
+    of the figure's data (shapes take data units there; annotations take log10 units, so an
+    annotation at x=250 means 1e250)."""
+    import numpy as np
+
+    xs = np.concatenate([np.asarray(t.x, dtype=float) for t in fig.data if t.x is not None])
+    lo, hi = xs.min(), xs.max()
+    assert fig.layout.xaxis.type == "log"
+    for s in fig.layout.shapes:
+        if (s.xref or "x") == "x":
+            for x in (s.x0, s.x1):
+                assert lo <= float(x) <= hi, f"shape at x={x}, outside the data's {lo:g}..{hi:g}"
+    for a in fig.layout.annotations:
+        if (a.xref or "x") == "x":
+            assert lo <= 10 ** float(a.x) <= hi, f"annotation at x={a.x} (log10 units: {10 ** float(a.x):g})"
+    if fig.layout.xaxis.range is not None:
+        assert lo / 10 <= 10 ** fig.layout.xaxis.range[1] <= hi * 10, fig.layout.xaxis.range
+
+
+@pytest.mark.parametrize("peak, bw", [(989.0, 3350.0), (989.0, 4800.0), (65.0, 320.0), (0.5, 20.0)])
+def test_chart_ridge_marks_sit_at_the_ridge_on_log_axes(peak, bw):
+    pts = pd.DataFrame({"label": ["a", "b"], "intensity": [1.0, 3000.0], "group": ["g", "g"]})
+    fig = roofline.chart(peak, bw, pts)
+    _log_axis_positions_are_sane(fig)
+    ridge = roofline.ridge_point(peak, bw)
+    assert [float(s.x0) for s in fig.layout.shapes] == pytest.approx([ridge])
+    roof = next(t for t in fig.data if t.name == "roof")
+    labelled = [(x, s) for x, s in zip(roof.x, roof.text) if s]
+    assert len(labelled) == 1 and labelled[0][0] == pytest.approx(ridge) and "ridge" in labelled[0][1], labelled
+
+
+def test_sanity_check_catches_a_vline_annotation_on_a_log_axis():
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=[0.1, 1e4], y=[1, 2]))
+    fig.update_xaxes(type="log")
+    fig.add_vline(x=250, annotation_text="ridge")  # the annotation's x is 250, read as 1e250
+    with pytest.raises(AssertionError, match="annotation at x=250"):
+        _log_axis_positions_are_sane(fig)
