@@ -113,3 +113,8 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: JupyterLab in headless Chromium (tests/test_browser.py; "
+                                       "scripts/test.sh runs it as its own phase)")
