@@ -33,15 +33,27 @@ def show_source(obj):
 
 def slider(fn, **ranges):
     """An ipywidgets slider over ``fn`` (the notebook also calls ``fn`` once directly, so a headless
-    run exercises the same code). ``ranges``: name=(min, max, step, value); a float among them
-    makes a FloatSlider."""
+    run exercises the same code). ``ranges``: name=(min, max, step, value), a float among them
+    making a FloatSlider; or name=[option, ...] (a list: the valid values only, e.g. group sizes or
+    GPU names), a slider over those values that starts at ``fn``'s default when it is one of them."""
     import ipywidgets as widgets
 
-    def control(name, lo, hi, step, value):
+    defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    def control(name, spec):
+        if isinstance(spec, list):
+            if not spec:
+                raise ValueError(f"slider {name!r}: an empty list of options")
+            value = defaults[name] if defaults.get(name, object()) in spec else spec[0]
+            return widgets.SelectionSlider(options=spec, value=value, continuous_update=False, description=name)
+        if not (isinstance(spec, tuple) and len(spec) == 4):
+            raise ValueError(f"slider {name!r}: give (min, max, step, value) or a list of options, got {spec!r}")
+        lo, hi, step, value = spec
         kind = widgets.FloatSlider if any(isinstance(v, float) for v in (lo, hi, step, value)) else widgets.IntSlider
         return kind(min=lo, max=hi, step=step, value=value, continuous_update=False, description=name)
 
-    controls = {name: control(name, *r) for name, r in ranges.items()}
+    controls = {name: control(name, r) for name, r in ranges.items()}
     return _Slider(widgets.interactive(fn, **controls))
 
 

@@ -357,9 +357,9 @@ print(f"\nQwen2.5-7B at context 1024: " + (f"compute-bound from batch {qwen_1k} 
 # model; the slider runs the same function, on this device or on any GPU's data sheet.
 
 # %%
-def decode_vs_batch(batch: int = 1, context: int = 1024, gpu: int = GPUS.index(roof_gpu), model: str = "Qwen2.5-7B"):
+def decode_vs_batch(batch: int = 1, context: int = 1024, gpu: str = roof_gpu, model: str = "Qwen2.5-7B"):
     cfg = configs.ARCHITECTURES[model]
-    name = GPUS[gpu]
+    name = gpu
     g_bw, g_peak = ceilings_of(name)
     g_ridge = roofline.ridge_point(g_peak, g_bw)
     rows = []
@@ -389,12 +389,11 @@ df_batch = decode_vs_batch(1, 1024)
 print(df_batch.to_string(index=False, float_format=lambda x: f"{x:,.1f}"))
 
 # %%
-print("gpu: " + ", ".join(f"{i} = {g}" for i, g in enumerate(GPUS)))
-def decode_vs_batch_on(batch: int = 1, context: int = 1024, gpu: int = GPUS.index(roof_gpu)):
+def decode_vs_batch_on(batch: int = 1, context: int = 1024, gpu: str = roof_gpu):
     decode_vs_batch(batch, context, gpu)  # the table stays out of the slider's output
 
 
-slider(decode_vs_batch_on, batch=(1, 1024, 1, 1), context=(0, 32768, 128, 1024), gpu=(0, len(GPUS) - 1, 1, GPUS.index(roof_gpu)))
+slider(decode_vs_batch_on, batch=(1, 1024, 1, 1), context=(0, 32768, 128, 1024), gpu=GPUS)
 
 # %% [markdown]
 # ## 7. Results

@@ -265,13 +265,9 @@ def group_tradeoff(group_size: int = 128):
           f"(your formula {int4_bytes_per_weight(K, group_size):.4f}), rel error {quant.quant_error(rand_W, q):.4f}")
 
 
-def group_tradeoff_pow2(log2_group_size: int = 7):
-    group_tradeoff(2 ** log2_group_size)
-
-
 for g in GROUPS:
     group_tradeoff(g)
-slider(group_tradeoff_pow2, log2_group_size=(int(math.log2(GROUPS[0])), int(math.log2(GROUPS[-1])), 1, 7))
+slider(group_tradeoff, group_size=GROUPS)  # the valid sizes only
 
 # %% [markdown]
 # ## 2. Kernels that dequantize inside the product
