@@ -310,11 +310,12 @@ class ModelDrafter:
 
 
 # ---- the speculative decoder ---------------------------------------------------------------------
-def commit_round(logits, h, draft, q, pos, toks, L, counts, hidden, temperature, top_p, accept):
+def commit_round(logits, h, draft, q, pos, toks, L, counts, hidden, temperature, top_p, accept, log=None):
     """The end of an on-device round: accept (greedy: the drafts equal to the target's argmax, no
     random numbers: the same rule for one-hot p and q), then write positions L .. L+n-1 with the
     accepted drafts and L+n with the extra token (writes past it are overwritten by later rounds,
-    like the rejected drafts' KV entries), advance L, count (rounds, accepted, rounds with all k)."""
+    like the rejected drafts' KV entries), advance L, count (rounds, accepted, rounds with all k) and,
+    given ``log``, write n at index ``counts[0]`` (the accepted drafts of each round)."""
     k = draft.shape[0]
     j = torch.arange(k + 1, device=toks.device)
     if temperature == 0:
@@ -327,6 +328,8 @@ def commit_round(logits, h, draft, q, pos, toks, L, counts, hidden, temperature,
         hidden.index_copy_(0, pos, h)
     toks.index_copy_(0, L + j, torch.where(j < n, torch.cat([draft, draft[-1:]]), extra))
     L.add_(n + 1)
+    if log is not None:
+        log.index_copy_(0, counts[:1].clamp_max(log.shape[0] - 1), n.reshape(1))
     counts.add_(torch.stack([torch.ones_like(n), n, (n == k).long()]))
 
 
@@ -396,6 +399,7 @@ class SpeculativeDecoder:
             self._toks = torch.zeros(max_len, dtype=torch.long, device=dev)  # on-device rounds: the tokens
             self._L = torch.zeros(1, dtype=torch.long, device=dev)  # ... and how many are committed
             self._counts = torch.zeros(3, dtype=torch.long, device=dev)  # rounds, accepted, rounds with all k
+            self._log = torch.zeros(max_len, dtype=torch.long, device=dev)  # accepted drafts of each round
             if getattr(self.drafter, "needs_hidden", False):
                 self.hidden = torch.zeros(max_len, self.target.cfg.hidden_size, dtype=self.target.dtype, device=dev)
 
@@ -485,7 +489,7 @@ class SpeculativeDecoder:
         pos = L - 1 + torch.arange(k + 1, device=toks.device)  # the last committed token, then the drafts
         logits, h = self._forward(torch.cat([toks.index_select(0, L - 1), draft])[None], pos)
         self._commit_fn(logits, h, draft, q, pos, toks, L, self._counts, self.hidden,
-                        self.temperature, self.top_p, self.accept)
+                        self.temperature, self.top_p, self.accept, self._log)
 
     def _device_round_graph(self):
         if self.k not in self._round_graphs:  # keyed by k; the buffers are fixed until _alloc grows them
@@ -539,6 +543,7 @@ class SpeculativeDecoder:
             tokens = self._toks[: min(L, T + max_new_tokens)].tolist()
         r, acc, full = self._counts.tolist()
         s = self.stats
+        s.accepted_per_round.extend(self._log[:r].tolist())
         s.rounds, s.accepted, s.drafted = s.rounds + r, s.accepted + acc, s.drafted + r * k
         s.examined += acc + r - full
         s.emitted = len(tokens) - T - 1

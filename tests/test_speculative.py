@@ -262,6 +262,8 @@ def test_on_device_eos_and_stats(tiny):
     spec.generate_on_device(ids, 20)
     s = spec.stats
     assert s.drafted <= 3 * s.rounds and 0 <= s.accepted <= s.examined <= s.drafted and s.rounds > 1
+    assert len(s.accepted_per_round) == s.rounds and sum(s.accepted_per_round) == s.accepted  # device rounds logged too
+    assert all(0 <= n <= 3 for n in s.accepted_per_round)
 
 
 def test_on_device_sampling_tokens_follow_target():
