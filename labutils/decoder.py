@@ -9,7 +9,13 @@ seams let later notebooks extend this one decoder instead of forking it:
 
 1. attention:    ``model.set_attention(fn)``, ``fn(q, k, v, q_pos)``   (labutils.attention)
 2. KV cache:     ``model.set_kv_caches([cache, ...])``, one per layer, each with
-                 ``update(input_pos, k, v) -> (k_all, v_all)``          (notebook 02)
+                 ``attend(q, k, v, input_pos, attn_fn) -> y``: the cache owns its layout
+                 and its attention call (a paged cache runs its own kernel, notebook 06),
+                 or only ``update(input_pos, k, v) -> (k_all, v_all)``, then ``attn_fn``
+                 over (k_all, v_all)                                   (notebook 02)
+                 A paged cache (labutils.paged_attention) takes a ragged batch of sequences
+                 flattened as idx (1, N) with per-token input_pos (1, N); ``logits_at`` picks
+                 each sequence's last token                            (notebook 06)
 3. linear layers: ``model.swap_linears(make)``, ``make(name, nn.Linear) -> nn.Module``
                                                                        (notebook 04)
 Names: B batch, T new tokens, S key positions, n_head, n_kv_head, head_dim, d (hidden size).
@@ -126,7 +132,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_dim, d, bias=cfg.o_bias)
-        self.kv_cache = None  # seam 2: an object with update(input_pos, k, v) -> (k_all, v_all)
+        self.kv_cache = None  # seam 2: attend(q, k, v, input_pos, attn_fn) -> y, or update(input_pos, k, v)
 
     def forward(self, x, cos, sin, input_pos, attn_fn):
         B, T, _ = x.shape
@@ -139,9 +145,13 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_head, S, head_dim)
-        y = attn_fn(q, k, v, input_pos)  # (B, n_head, T, head_dim)
+        cache = self.kv_cache
+        if cache is not None and hasattr(cache, "attend"):  # the cache owns its layout and attention call
+            y = cache.attend(q, k, v, input_pos, attn_fn)  # (B, n_head, T, head_dim)
+        else:
+            if cache is not None:  # a plain cache: update(...) -> (k_all, v_all)
+                k, v = cache.update(input_pos, k, v)  # (B, n_kv_head, S, head_dim)
+            y = attn_fn(q, k, v, input_pos)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
@@ -272,10 +282,12 @@ class Decoder(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
-                return_hidden: bool = False):
+                return_hidden: bool = False, logits_at: torch.Tensor | None = None):
         """idx (B, T) token ids at positions input_pos ((T,) or (B, T); default 0 .. T-1) -> logits.
 
-        Returns (B, T, vocab), or (B, 1, vocab) for the last position only when ``last_only``.
+        Returns (B, T, vocab), or (B, 1, vocab) for the last position only when ``last_only``, or
+        (B, M, vocab) at the M token indices ``logits_at`` (M,) (e.g. each sequence's last token in
+        a flattened ragged batch (1, N) of a paged step, labutils.paged_attention).
         ``return_hidden``: also the final hidden states, after the last norm (what the lm_head reads),
         as ``(logits, hidden)`` with hidden (B, T or 1, d): the features a draft head learns from
         (notebook 05).
@@ -290,7 +302,11 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(input_pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, self.attn_fn)
-        if last_only:
+        if logits_at is not None:
+            if last_only:
+                raise ValueError("pass last_only or logits_at, not both")
+            x = x[:, logits_at]  # (B, M, d)
+        elif last_only:
             x = x[:, -1:]
         h = self.norm(x)  # (B, T, d)
         logits = self.lm_head(h)  # (B, T, vocab)

@@ -9,6 +9,11 @@ the one method the seam calls::
       input_pos:    (T,) or (B, T)                their positions
       k_all, v_all: (B, n_kv_head, S, head_dim)   keys/values at positions 0 .. S-1
 
+and, as every cache of the seam may, ``attend(q, k, v, input_pos, attn_fn) -> y``: the decoder
+calls it when present, so a cache owns its attention call. Here it is ``update`` then ``attn_fn``
+over the returned keys/values (exactly the plain path); a paged cache (labutils.paged_attention,
+notebook 06) writes into its block pool and runs its own kernel instead.
+
 ``StaticKVCache`` preallocates ``max_seq_len`` positions and writes at ``input_pos``: shapes never
 change, so a decode step can be captured once in a CUDA graph and replayed. Positions not yet
 written hold zeros; the causal mask (key position <= query position) hides them.
@@ -78,6 +83,10 @@ class StaticKVCache(torch.nn.Module):
             self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
 
+    def attend(self, q, k, v, input_pos, attn_fn):
+        k_all, v_all = self.update(input_pos, k, v)  # (B, n_kv_head, max_seq_len, head_dim)
+        return attn_fn(q, k_all, v_all, input_pos)  # (B, n_head, T, head_dim)
+
     def reset(self):
         self.k.zero_()
         self.v.zero_()
@@ -96,6 +105,10 @@ class ConcatKVCache:
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
         return self.k, self.v
+
+    def attend(self, q, k, v, input_pos, attn_fn):
+        k_all, v_all = self.update(input_pos, k, v)  # (B, n_kv_head, S, head_dim)
+        return attn_fn(q, k_all, v_all, input_pos)
 
     def reset(self):
         self.k = self.v = None
