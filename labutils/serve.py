@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over any labutils.serving engine (notebook 06).
 
     python -m labutils.serve [--port 8000] [--model embedded|<hub id>|<dir>] [--dtype auto|float32|bfloat16|float16]
-                             [--max-model-len 2048]
+                             [--max-model-len 2048] [--engine continuous|sequential]
 
 Endpoints (the subset of OpenAI's API that vLLM's server also speaks):
 
@@ -456,8 +456,10 @@ def make_server(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0
     return Server(httpd, loop, front, thread)
 
 
-def load_engine(name: str = "embedded", dtype: str = "auto", device=None, max_model_len: int | None = None):
-    """(SequentialEngine, tokenizer, served name, aliases, stop ids) for a model name load_model knows."""
+def load_engine(name: str = "embedded", dtype: str = "auto", device=None, max_model_len: int | None = None,
+                engine: str = "continuous"):
+    """(engine, tokenizer, served name, aliases, stop ids) for a model name load_model knows. ``engine``:
+    "continuous" (labutils.scheduler.ContinuousEngine, a pool of 8 full contexts) or "sequential"."""
     import torch
 
     from . import models, runtime
@@ -467,7 +469,15 @@ def load_engine(name: str = "embedded", dtype: str = "auto", device=None, max_mo
     dt = runtime.default_dtype() if dtype == "auto" else getattr(torch, dtype)
     hf, tokenizer = models.load_model(name, dtype=dt, device=device)
     model = Decoder.from_hf(hf)
-    engine = SequentialEngine(model, max_model_len)
+    if engine == "continuous":
+        from .scheduler import ContinuousEngine
+
+        ctx = max_model_len or min(model.cfg.max_seq_len, 2048)
+        engine = ContinuousEngine(model, num_blocks=8 * -(-ctx // 16), block_size=16, max_seq_len=ctx)
+    elif engine == "sequential":
+        engine = SequentialEngine(model, max_model_len)
+    else:
+        raise ValueError(f"engine must be 'sequential' or 'continuous', got {engine!r}")
     embedded = name in models._EMBEDDED_ALIASES
     served = models.EMBEDDED if embedded else name
     aliases = (models._EMBEDDED_ALIASES - {None, ""}) if embedded else ()
@@ -483,9 +493,12 @@ def main(argv=None):
     p.add_argument("--model", default="embedded", help="embedded (SmolLM2-135M-Instruct), a hub id or a directory")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context per request (default min(model's, 2048))")
+    p.add_argument("--engine", default="continuous", choices=["continuous", "sequential"],
+                   help="continuous batching over a paged KV cache (labutils.scheduler) or one request at a time")
     p.add_argument("--log", action="store_true", help="print a line per HTTP request")
     a = p.parse_args(argv)
-    engine, tokenizer, served, aliases, stop = load_engine(a.model, a.dtype, max_model_len=a.max_model_len)
+    engine, tokenizer, served, aliases, stop = load_engine(a.model, a.dtype, max_model_len=a.max_model_len,
+                                                           engine=a.engine)
     srv = make_server(engine, tokenizer, served, a.host, a.port, aliases, stop, verbose=a.log)
     print(f"serving {served} ({type(engine).__name__}, context {engine.max_seq_len}) at {srv.url}/v1", flush=True)
     try:
