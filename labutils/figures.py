@@ -50,6 +50,7 @@ def figure_bundle(fig) -> dict:
     if not isinstance(fig, go.Figure):
         fig = go.Figure(fig)
     bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
+    _compact(bundle[PLOTLY_MIME])
     title = _text(fig.layout.title.text or "")
     text = f"<Figure: {title}>" if title else "<Figure>"
     try:
@@ -60,6 +61,35 @@ def figure_bundle(fig) -> dict:
         text += f" (no static image: {type(e).__name__}: {e})"
     bundle["text/plain"] = text
     return bundle
+
+
+# The template keys a saved figure keeps: its look (colours, background, grid, font). The rest of
+# plotly's default template (per-trace-type defaults, ~11 KB per figure as a notebook writes JSON)
+# made most of a chapter's size.
+TEMPLATE_KEEP = ("colorway", "plot_bgcolor", "paper_bgcolor", "font", "xaxis", "yaxis", "title", "hovermode")
+FLOAT_DIGITS = 6  # significant digits kept in a saved figure's numbers (far below what a chart resolves)
+
+
+def _compact(fig_json: dict) -> dict:
+    """Shrink a figure's JSON in place for saving in a notebook: the template cut to its look
+    (``TEMPLATE_KEEP``), floats rounded to ``FLOAT_DIGITS`` significant digits."""
+    layout = fig_json.get("layout", {})
+    template = layout.get("template")
+    if isinstance(template, dict):
+        look = template.get("layout", {})
+        layout["template"] = {"layout": {k: look[k] for k in TEMPLATE_KEEP if k in look}}
+
+    def rounded(x):
+        if isinstance(x, float):
+            return float(f"{x:.{FLOAT_DIGITS}g}") if np.isfinite(x) else x
+        if isinstance(x, list):
+            return [rounded(v) for v in x]
+        if isinstance(x, dict):
+            return {k: rounded(v) for k, v in x.items()}
+        return x
+
+    fig_json["data"] = rounded(fig_json.get("data", []))
+    return fig_json
 
 
 # ---- plotly -> matplotlib ---------------------------------------------------------------------------------------

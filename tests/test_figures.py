@@ -149,3 +149,19 @@ def test_annotation_on_a_log_axis_is_placed_at_ten_to_its_x():
         figures._draw = real_draw
     (text, (x, _)), = [t for t in captured["texts"] if t[0] == "at 100"]
     assert x == pytest.approx(100), x
+
+
+def test_saved_figure_json_is_compact_but_keeps_its_look():
+    """A notebook saves each figure's JSON indented, once per chart: plotly's whole default template
+    (~11 KB) is cut to the keys that set the look, and list floats to 6 significant digits."""
+    import json
+
+    fig = go.Figure(go.Scatter(x=[1, 2, 3], y=[0.123456789123, 1 / 3, 2.0], mode="lines"))
+    full = fig.to_plotly_json()["layout"]["template"]
+    saved = figure_bundle(fig)[PLOTLY_MIME]
+    assert saved["data"][0]["y"] == [0.123457, 0.333333, 2.0]
+    look = saved["layout"]["template"]["layout"]
+    assert look["colorway"] == list(full["layout"]["colorway"]) and "plot_bgcolor" in look
+    assert "data" not in saved["layout"]["template"]
+    assert len(json.dumps(saved, indent=1)) < 2500, len(json.dumps(saved, indent=1))
+    assert len(json.dumps(full, indent=1)) > 8000  # what it would have cost
