@@ -118,3 +118,15 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
 def pytest_configure(config):
     config.addinivalue_line("markers", "browser: JupyterLab in headless Chromium (tests/test_browser.py; "
                                        "scripts/test.sh runs it as its own phase)")
+
+
+def assert_fails_naming_the_case(name, fn, label, detail, capsys):
+    """A wrong answer to exercise ``name`` fails its check, and the message names the failing case
+    (``label``), what differs (``detail``), the inputs and the exercise's hint."""
+    from labutils.exercises import EXERCISES, check
+
+    assert not check(name, fn)
+    out = capsys.readouterr().out
+    assert out.startswith(f"✗ {name}: failed "), out
+    assert label in out and detail in out, out
+    assert "inputs: " in out and f"hint: {EXERCISES[name].hint}" in out, out

@@ -7,6 +7,7 @@ import torch
 
 from labutils import exercises
 from labutils.exercises import EXERCISES, check, compare, predict
+from conftest import assert_fails_naming_the_case
 
 NAMES = sorted(EXERCISES)
 
@@ -84,11 +85,7 @@ WRONG = [("expected_tokens", _off_by_one, "a = 1: every draft accepted", "got 4,
 
 @pytest.mark.parametrize("name, fn, label, detail", WRONG, ids=[w[1].__name__ for w in WRONG])
 def test_wrong_answer_fails_naming_the_case(name, fn, label, detail, capsys):
-    assert not check(name, fn)
-    out = capsys.readouterr().out
-    assert out.startswith(f"✗ {name}: failed "), out
-    assert label in out and detail in out, out
-    assert "inputs: " in out and f"hint: {EXERCISES[name].hint}" in out, out
+    assert_fails_naming_the_case(name, fn, label, detail, capsys)
 
 
 def test_oldest_match_also_fails_on_several_matches(capsys):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from labutils import configs, roofline
-from labutils.exercises import EXERCISES, check
+from labutils.exercises import EXERCISES
+from conftest import assert_fails_naming_the_case
 
 
 def test_notebook_00_exercises_are_registered():
@@ -72,11 +73,7 @@ WRONG = [("roofline_bound", _max_not_min, "decode at batch 1", "got 989, expecte
 
 @pytest.mark.parametrize("name, fn, label, detail", WRONG, ids=[w[1].__name__ for w in WRONG])
 def test_wrong_answer_fails_naming_the_case(name, fn, label, detail, capsys):
-    assert not check(name, fn)
-    out = capsys.readouterr().out
-    assert out.startswith(f"✗ {name}: failed "), out
-    assert label in out and detail in out, out
-    assert "inputs: " in out and f"hint: {EXERCISES[name].hint}" in out, out
+    assert_fails_naming_the_case(name, fn, label, detail, capsys)
 
 
 def test_strict_comparison_differs_only_at_exact_ties():
