@@ -58,6 +58,12 @@ ARCHITECTURES: dict[str, dict] = {
         num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
         vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=False),
+    # meta-llama/Meta-Llama-3-70B-Instruct: the tensor-parallel twin of notebook 07 (141 GB in bf16).
+    "Llama-3-70B": dict(
+        _LLAMA, hub_id="meta-llama/Meta-Llama-3-70B-Instruct", hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+        vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False),
 }
 
 # The architectures that have shape twins in the timing notebooks (issue: Qwen2.5-0.5B/7B,

@@ -64,6 +64,10 @@ def compile_layers(model, **compile_kw):
 
 
 class DecodeEngine:
+    # "thread_local" lets other threads make CUDA calls during the capture (NCCL's watchdog thread
+    # polls its events: a tensor-parallel shard's engine, labutils.tp, sets it)
+    capture_error_mode = "global"
+
     def __init__(self, model, batch: int = 1, max_seq_len: int = 1024, mode: str = "eager",
                  regional: bool = False):
         if mode not in MODES:
@@ -129,7 +133,7 @@ class DecodeEngine:
                 self.step_fn(self.tok, self.pos)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode=self.capture_error_mode):
             self.step_fn(self.tok, self.pos)
         self.tok.copy_(saved_tok)
         self.pos.copy_(saved_pos)
