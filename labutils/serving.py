@@ -21,6 +21,8 @@ static KV cache, the others waiting in FIFO order. It is correct and simple, and
 a request that arrives behind a long one waits for all of it (head-of-line blocking), and each step
 reads every weight to produce one token. The continuous-batching scheduler (notebook 06) replaces
 it behind the same four calls: many requests per step, admitted and retired at every iteration.
+``StaticBatchEngine`` is the other baseline, batching as servers did before that: fixed batches,
+padded, each run to its longest output, over a contiguous KV reservation.
 """
 from __future__ import annotations
 
@@ -209,6 +211,179 @@ class SequentialEngine:
             self.current = None
         self.steps += 1
         return [out]
+
+
+class _RowsOf:
+    """Rows r0:r1 of a StaticKVCache as a cache of their own (views: writes land in the full cache)."""
+
+    def __init__(self, cache, r0: int, r1: int):
+        self.k, self.v = cache.k[r0:r1], cache.v[r0:r1]
+
+    def attend(self, q, k, v, input_pos, attn_fn):
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1); input_pos (B, T)
+        self.k[rows, :, input_pos] = k.transpose(1, 2)  # indexed view: (B, T, n_kv_head, head_dim)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        return attn_fn(q, self.k, self.v, input_pos)
+
+
+class StaticBatchEngine:
+    """Static batching, as servers batched before iteration-level scheduling: the baseline that
+    continuous batching is measured against.
+
+    When no batch is running, the first ``max_batch`` waiting requests (FIFO) form one; the batch is
+    fixed until its longest output is done. Prefill runs the prompts padded on the left to the
+    longest (each prompt at its own positions 0 .. T_i-1, its padding at positions T_i .. T_max-1:
+    hidden from the prompt by the causal mask, overwritten by the row's own decode steps before any
+    query can see them), ``prefill_rows`` rows per forward. Every decode step then runs all ``max_batch`` rows: rows of
+    requests already finished, and empty rows of a short batch, are computed and thrown away.
+    Requests that arrive meanwhile wait for the whole batch. A request's tokens are streamed as they
+    come (its Output finishes at its own last token), but its row is busy until the batch ends.
+
+    The KV cache is contiguous: ``max_batch`` x ``max_seq_len`` positions reserved up front
+    (``kv_reserved_positions``), whatever the requests' lengths. On a GPU the decode step (all rows
+    at their own positions, greedy) is captured once as a CUDA graph (``graph="auto"``), as
+    engine.DecodeEngine's, so the comparison with the continuous engine is about scheduling and
+    memory, not launch overhead. Greedy only (static batching with a sampler per row adds nothing
+    to the comparison). ``prefill_rows``: rows per prefill forward (all padded to the batch's
+    longest prompt; a few at a time keep the activations of a large batch of long prompts small).
+    """
+
+    def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, graph: str = "auto",
+                 prefill_rows: int = 8):
+        from .kv_cache import static_caches
+
+        self.model = model
+        ctx = model.cfg.max_seq_len
+        self.max_seq_len = check_count(max_seq_len if max_seq_len is not None else min(ctx, 2048),
+                                       "max_seq_len", minimum=2)
+        if self.max_seq_len > ctx:
+            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's context of {ctx}")
+        self.max_batch = check_count(max_batch, "max_batch", minimum=1)
+        self.prefill_rows = check_count(prefill_rows, "prefill_rows", minimum=1)
+        if graph not in ("auto", "on", "off"):
+            raise ValueError(f"graph must be 'auto', 'on' or 'off', got {graph!r}")
+        if graph == "on" and model.device.type != "cuda":
+            raise RuntimeError("graph='on' captures a CUDA graph and needs a GPU")
+        self.use_graph = graph == "on" or (graph == "auto" and model.device.type == "cuda")
+        self.caches = static_caches(model, self.max_batch, self.max_seq_len)
+        dev = model.device
+        self.tok = torch.zeros(self.max_batch, 1, dtype=torch.long, device=dev)  # each row's input token
+        self.pos = torch.zeros(self.max_batch, 1, dtype=torch.long, device=dev)  # and its position
+        self.graph = None
+        self.waiting: collections.OrderedDict[str, _Running] = collections.OrderedDict()
+        self.batch: list[_Running | None] = []  # the running batch's rows (None: finished or empty)
+        self.steps = self.batches = self.row_steps = self.useful_row_steps = 0
+        self.padded_prefill_tokens = self.prompt_tokens = 0
+
+    @property
+    def kv_reserved_positions(self) -> int:
+        return self.max_batch * self.max_seq_len
+
+    def add(self, request: Request) -> None:
+        check_fits(request, self.max_seq_len)
+        if request.id in self.waiting or any(r is not None and r.request.id == request.id for r in self.batch):
+            raise ValueError(f"a request with id {request.id!r} is already in the engine")
+        if max(request.prompt) >= self.model.cfg.vocab_size or min(request.prompt) < 0:
+            raise ValueError(f"request {request.id}: prompt token ids must lie in 0..{self.model.cfg.vocab_size - 1}")
+        if request.temperature != 0:
+            raise ValueError("StaticBatchEngine is greedy only (temperature=0)")
+        self.waiting[request.id] = _Running(request, self.model.device)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.batch)
+
+    def abort(self, request_id: str) -> None:
+        self.waiting.pop(request_id, None)
+        self.batch = [None if r is not None and r.request.id == request_id else r for r in self.batch]
+
+    def _decode_fn(self):
+        logits = self.model(self.tok, self.pos, last_only=True)  # (B, 1, vocab)
+        self.tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.pos.add_(1).clamp_(max=self.max_seq_len - 1)  # rows done long ago keep computing somewhere valid
+
+    def _capture(self):
+        saved = self.tok.clone(), self.pos.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode_fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._decode_fn()
+        self.tok.copy_(saved[0])
+        self.pos.copy_(saved[1])
+
+    @torch.no_grad()
+    def step(self) -> list[Output]:
+        if not any(r is not None for r in self.batch):
+            if not self.waiting:
+                return []
+            return self._prefill()
+        with self.model.kv_caches_attached(self.caches):
+            if self.use_graph and self.graph is None:
+                self._capture()
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._decode_fn()
+        toks = self.tok[:, 0].tolist()
+        self.steps += 1
+        self.row_steps += self.max_batch
+        self.useful_row_steps += sum(r is not None for r in self.batch)
+        return self._emit(toks)
+
+    def _prefill(self) -> list[Output]:
+        n = min(self.max_batch, len(self.waiting))
+        rows = [self.waiting.popitem(last=False)[1] for _ in range(n)]
+        B, dev = self.max_batch, self.model.device
+        T = max(len(r.request.prompt) for r in rows)
+        # padded on the LEFT, so every row's last prompt token is column T-1 (one logit row each). Row i's
+        # prompt sits at positions 0..T_i-1; its padding gets positions T_i..T-1, hidden from the prompt
+        # by the causal mask and overwritten by the row's own decode steps before any query reads them.
+        idx = torch.zeros(B, T, dtype=torch.long)  # (B, T); empty rows: one pad token at position 0 ...
+        pos = torch.arange(T).repeat(B, 1)  # (B, T)
+        lens = [len(r.request.prompt) for r in rows] + [1] * (B - n)
+        for i, r in enumerate(rows):
+            p, off = r.request.prompt, T - len(r.request.prompt)
+            idx[i, off:] = torch.tensor(p)
+            pos[i] = torch.cat([torch.arange(len(p), T), torch.arange(len(p))])
+        for c in self.caches:
+            c.reset()
+        first = torch.empty(B, dtype=torch.long, device=dev)
+        for r0 in range(0, B, self.prefill_rows):  # a few rows per forward: activations stay small
+            r1 = min(B, r0 + self.prefill_rows)
+            with self.model.kv_caches_attached([_RowsOf(c, r0, r1) for c in self.caches]):
+                logits = self.model(idx[r0:r1].to(dev), pos[r0:r1].to(dev), last_only=True)  # (rows, 1, vocab)
+            first[r0:r1] = logits[:, -1].argmax(-1)
+        self.tok.copy_(first[:, None])
+        self.pos.copy_(torch.tensor(lens, device=dev)[:, None])
+        self.batch = rows + [None] * (B - n)
+        self.batches += 1
+        self.steps += 1
+        self.padded_prefill_tokens += B * T
+        self.prompt_tokens += sum(lens[:n])
+        return self._emit(first.tolist())
+
+    def _emit(self, toks: list[int]) -> list[Output]:
+        now, outs = time.perf_counter(), []
+        for i, r in enumerate(self.batch):
+            if r is None:
+                continue
+            out = r.emit(toks[i], now)
+            outs.append(out)
+            if out.finished:
+                self.batch[i] = None
+        if not any(r is not None for r in self.batch):
+            self.batch = []
+        return outs
+
+    def stats(self) -> dict:
+        """Batches run, steps, and the share of decode rows that produced a token someone wanted."""
+        return dict(batches=self.batches, steps=self.steps, row_steps=self.row_steps,
+                    useful_row_steps=self.useful_row_steps, padded_prefill_tokens=self.padded_prefill_tokens,
+                    prompt_tokens=self.prompt_tokens, kv_reserved_positions=self.kv_reserved_positions)
 
 
 def run_to_completion(engine: Engine, requests: list[Request]) -> dict[str, list[int]]:

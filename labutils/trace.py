@@ -16,9 +16,11 @@ arrivals and prompts as they were. The same spec and seed always give the same t
 
 Replays: ``replay_server`` sends the trace to an OpenAI-compatible server (this package's or vLLM's)
 with httpx, streaming, and stamps each chunk as it arrives; ``replay_engine`` drives an engine
-(labutils.serving) in-process. Both return ``RequestRecord``s, and ``metrics`` turns them into the
-chapter's numbers: output tok/s, TTFT, TPOT (time per output token after the first, per request)
-and request latency at p50/p99.
+(labutils.serving) in-process (``replay_all_at_once``: every request at t = 0); ``replay_hf_generate``
+runs the trace through transformers' ``generate`` in left-padded batches (the baseline without a
+scheduler). All return ``RequestRecord``s, and ``metrics`` turns them into the chapter's numbers:
+output tok/s, TTFT, TPOT (time per output token after the first, per request) and request latency
+at p50/p99; ``serving_metrics`` adds an engine's KV utilization over the run and its counters.
 
     python -m labutils.trace replay --url http://127.0.0.1:8000 --rate 4 --n 32 [--prompt-len 32:256]
                                     [--output-len lognormal:64:0.5:8:256] [--prompts text|random] [--seed 0]
@@ -264,8 +266,16 @@ async def replay_server_async(url: str, trace: list[TraceRequest], model: str | 
 def replay_server(url: str, trace: list[TraceRequest], model: str | None = None,
                   timeout_s: float = 600.0) -> tuple[list[RequestRecord], float]:
     """Send the trace to an OpenAI-compatible server at ``url`` (streamed completions, greedy, EOS
-    ignored), each request at its arrival time: (records, duration in s)."""
-    return asyncio.run(replay_server_async(url, trace, model, timeout_s))
+    ignored), each request at its arrival time: (records, duration in s). Inside a running event
+    loop (a Jupyter kernel) the replay runs in a worker thread with its own loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(replay_server_async(url, trace, model, timeout_s))
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, replay_server_async(url, trace, model, timeout_s)).result()
 
 
 # ---- replay against an engine, in process ----------------------------------------------------------------
@@ -298,6 +308,83 @@ def replay_engine(engine, trace: list[TraceRequest]) -> tuple[list[RequestRecord
         rec.output_len, rec.ttft, rec.latency = len(t.token_times), t.ttft, t.latency
         rec.itl = np.diff(t.token_times).tolist()
     return [records[k] for k in sorted(records)], duration
+
+
+def replay_hf_generate(hf_model, trace: list[TraceRequest], batch_size: int = 8, pad_id: int = 0,
+                       tokens_out: dict | None = None) -> tuple[list[RequestRecord], float]:
+    """The trace through transformers' ``generate``, as a server without a scheduler would batch it:
+    requests in arrival order, ``batch_size`` at a time, prompts padded on the LEFT (so every row's
+    last prompt token is the last column) with an attention mask, greedy, every batch generating its
+    longest output (``min_new_tokens`` = ``max_new_tokens``, so EOS never ends a row early, as
+    ``ignore_eos``). A batch starts once its last request has arrived and the previous batch is done.
+    Each generation step is stamped by a logits processor, called once per step when that step's
+    logits are computed (on a GPU it synchronizes first; generate synchronizes every step anyway to
+    test its stopping criteria), so a request's TTFT and token times count only its own
+    ``max_tokens`` tokens; the rest of its row is wasted work. ``tokens_out``: a dict that receives
+    {index: the request's max_tokens generated ids}. (records, duration)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _Stamp(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            if scores.is_cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return scores
+
+    device = next(hf_model.parameters()).device
+    pending = sorted(trace, key=lambda r: (r.arrival, r.index))
+    records = []
+    t0 = time.perf_counter()
+    for i in range(0, len(pending), batch_size):
+        group = pending[i:i + batch_size]
+        wait = t0 + group[-1].arrival - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        T = max(len(r.prompt) for r in group)
+        ids = torch.full((len(group), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), T), dtype=torch.long)
+        for j, r in enumerate(group):
+            ids[j, T - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[j, T - len(r.prompt):] = 1
+        n = max(r.max_tokens for r in group)
+        stamp = _Stamp()
+        with torch.no_grad():
+            gen = hf_model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=pad_id, logits_processor=LogitsProcessorList([stamp]))
+        if tokens_out is not None:
+            new = gen[:, T:].tolist()
+            for j, r in enumerate(group):
+                tokens_out[r.index] = new[j][:r.max_tokens]
+        for r in group:
+            arrival = t0 + r.arrival
+            tt = stamp.times[:r.max_tokens]  # stamp k: the step whose logits give token k of every row
+            records.append(RequestRecord(r.index, len(r.prompt), r.max_tokens, r.arrival, ttft=tt[0] - arrival,
+                                         latency=tt[-1] - arrival, itl=np.diff(tt).tolist()))
+    return sorted(records, key=lambda rec: rec.index), time.perf_counter() - t0
+
+
+def replay_all_at_once(engine, trace: list[TraceRequest]) -> tuple[list[RequestRecord], float]:
+    """``replay_engine`` with every request arriving at t = 0 (the offline throughput case), whatever
+    the trace's arrival times."""
+    return replay_engine(engine, [TraceRequest(r.index, 0.0, r.prompt, r.max_tokens) for r in trace])
+
+
+def serving_metrics(records: list[RequestRecord], duration_s: float, engine=None) -> dict:
+    """``metrics`` plus, for an engine that reports them, its KV utilization averaged over steps
+    (``kv_summary``: paged, and contiguous reservations of max_seq_len or of prompt + max_tokens per
+    running request) and its counters (``stats``)."""
+    m = metrics(records, duration_s)
+    if engine is not None and hasattr(engine, "kv_summary"):
+        k = engine.kv_summary()
+        m.update(kv_utilization=k["paged"], kv_utilization_contiguous=k["contiguous_max_len"],
+                 kv_utilization_contiguous_request=k["contiguous_request_len"], kv_samples=k["samples"])
+    if engine is not None and hasattr(engine, "stats"):
+        m["engine_stats"] = engine.stats()
+    return m
 
 
 # ---- command line ------------------------------------------------------------------------------------------

@@ -241,3 +241,100 @@ def test_server_over_continuous_engine(lab):
                           clean_up_tokenization_spaces=False)
         assert results[p] == want, p
     assert_all_freed(engine)
+
+
+# ---- decode-only steps padded to buckets (the CUDA-graph path, run eagerly on the CPU) ------------------
+def test_decode_buckets():
+    from labutils.scheduler import bucket_for, decode_buckets
+
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert decode_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert [bucket_for(n, decode_buckets(48)) for n in (1, 3, 5, 17, 33, 48)] == [1, 4, 8, 32, 48, 48]
+    with pytest.raises(ValueError, match="exceed"):
+        bucket_for(49, decode_buckets(48))
+
+
+def test_bucketed_decode_equals_alone_under_preemption(tiny):
+    """graphs='bucketed': decode-only steps padded to 1, 2, 4, 8 rows over fixed buffers (the padding
+    rows on the reserved padding block). Five requests, arrivals spread, preemption: every output
+    equals the request alone and the eager engine's; the padding block is left out of the stats."""
+    lens, outs, at = (5, 30, 21, 11, 9), (20, 12, 14, 9, 16), (0, 0, 1, 6, 9)
+    reqs = [Request(f"b{i}", p, n) for i, (p, n) in enumerate(zip(prompts_of(lens, tiny.cfg.vocab_size, 3), outs))]
+    engine = ContinuousEngine(tiny, num_blocks=13, block_size=8, max_batch=5, max_num_batched_tokens=24,
+                              max_seq_len=64, graphs="bucketed")
+    assert engine.buckets == [1, 2, 4, 5] and engine.num_usable_blocks == 12
+    seen = set()
+
+    def watch(e):
+        check_stats_sane(e)
+        assert e.pool.ref_count[e._pad_block] == 1, "the padding block was freed or shared"
+        seen.add(len(e.running))
+
+    got, _ = drive(engine, list(zip(at, reqs)), watch)
+    ref = alone(tiny, reqs)
+    plain = ContinuousEngine(tiny, num_blocks=12, block_size=8, max_batch=5, max_num_batched_tokens=24,
+                             max_seq_len=64, graphs="off")
+    got_plain, _ = drive(plain, list(zip(at, reqs)))
+    for r in reqs:
+        assert got[r.id] == ref[r.id] == got_plain[r.id], f"{r.id}: bucketed {got[r.id]}, alone {ref[r.id]}"
+    s = engine.stats()
+    assert s["graph_steps"] > 0 and s["preemptions"] > 0, s
+    assert s["num_blocks"] == 12 and s["graphs"] == "bucketed"
+    assert {1, 3} & seen, "no step ran with a batch that needed padding"
+    assert_all_freed(engine)
+    assert engine.capture() == 0  # graphs are captured only with graphs="graph" (a GPU)
+    with pytest.raises(RuntimeError, match="GPU"):
+        ContinuousEngine(tiny, num_blocks=8, block_size=8, graphs="graph")
+    with pytest.raises(ValueError, match="graphs must be one of"):
+        ContinuousEngine(tiny, num_blocks=8, block_size=8, graphs="always")
+
+
+def test_kv_summary_counts_positions_in_allocated_blocks(tiny):
+    """One request, 13 prompt tokens + 4 new, blocks of 8, sampled every step: the four forwards hold
+    13, 14, 15, 16 positions in 2 blocks (16 slots); a max_seq_len=64 reservation holds 64, one of
+    prompt + max_tokens 17."""
+    r = Request("k", prompts_of((13,), tiny.cfg.vocab_size, 4)[0], 4)
+    engine = ContinuousEngine(tiny, num_blocks=8, block_size=8, max_seq_len=64, kv_sample_every=1)
+    drive(engine, [(0, r)])
+    k = engine.kv_summary()
+    assert k["samples"] == 4 and k["peak_slots_allocated"] == 16
+    assert k["paged"] == pytest.approx((13 + 14 + 15 + 16) / 64)
+    assert k["contiguous_max_len"] == pytest.approx((13 + 14 + 15 + 16) / (4 * 64))
+    assert k["contiguous_request_len"] == pytest.approx((13 + 14 + 15 + 16) / (4 * 17))
+    engine.reset_kv_samples()
+    assert engine.kv_summary()["samples"] == 0
+
+
+def test_graph_path_replays_over_the_buffers(tiny, monkeypatch):
+    """The CUDA-graph path's bookkeeping on the CPU: each bucket's 'graph' (a stand-in whose replay
+    re-runs the forward over the fixed buffers into its own output tensor, as a replay does) is
+    captured up front with every row on the padding block; the steps then only fill the buffers and
+    replay. Outputs equal each request alone."""
+    lens, outs = (7, 19, 12), (9, 6, 11)
+    reqs = [Request(f"g{i}", p, n) for i, (p, n) in enumerate(zip(prompts_of(lens, tiny.cfg.vocab_size, 6), outs))]
+    engine = ContinuousEngine(tiny, num_blocks=16, block_size=8, max_batch=3, max_seq_len=64, graphs="bucketed")
+    engine.graphs = "graph"
+    replays = []
+
+    class StandIn:
+        def __init__(self, Bp):
+            self.Bp, self.out = Bp, engine._forward_fixed(Bp).clone()
+
+        def replay(self):
+            replays.append(self.Bp)
+            self.out.copy_(engine._forward_fixed(self.Bp))
+
+    def capture(Bp):
+        assert engine.pool.fill[engine._pad_block] == 0 and bool((engine._buf["tables"] == engine._pad_block).all())
+        g = StandIn(Bp)
+        engine._graphs[Bp] = (g, g.out)
+
+    monkeypatch.setattr(engine, "_capture", capture)
+    assert engine.capture() == 3 and sorted(engine._graphs) == [1, 2, 3]
+    got, _ = drive(engine, [(0, reqs[0]), (0, reqs[1]), (2, reqs[2])])
+    ref = alone(tiny, reqs)
+    for r in reqs:
+        assert got[r.id] == ref[r.id], f"{r.id}: graph path {got[r.id]} vs alone {ref[r.id]}"
+    s = engine.stats()
+    assert s["graph_error"] is None and s["graphs_captured"] == [1, 2, 3] and len(replays) == s["graph_steps"] > 0

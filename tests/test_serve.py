@@ -348,6 +348,20 @@ def test_replay_against_live_server_reports_sane_metrics(lab, server):
     assert m["latency_p99_ms"] <= duration * 1e3
 
 
+def test_replay_from_inside_a_running_event_loop(lab, server):
+    """As in a Jupyter kernel: replay_server called while an event loop runs (in a worker thread)."""
+    import asyncio
+
+    trace = make_trace(TraceSpec(n=2, rate=None, prompt_len=Lengths("fixed", 8, 8), output_len=Lengths("fixed", 2, 2),
+                                 prompts="random", seed=0), vocab_size=lab[0].cfg.vocab_size)
+
+    async def inside():
+        return replay_server(server.url, trace)
+
+    records, duration = asyncio.run(inside())
+    assert [r.output_len for r in records] == [2, 2] and all(r.error is None for r in records)
+
+
 def test_replay_in_process_engine(lab):
     model, tok = lab
     spec = TraceSpec(n=2, rate=None, prompt_len=Lengths("fixed", 8, 8), output_len=Lengths("fixed", 3, 3),
