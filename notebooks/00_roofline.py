@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -31,7 +33,7 @@
 #
 # You write three functions on the way (the roof itself, the intensity of a matmul, the knee of
 # decode), each checked by the cell after it, and predict one measurement before you see it.
-# The predicted numbers here are the targets of every later notebook. Without a GPU the notebook
+# The bounds computed here are the targets of every later notebook. Without a GPU the notebook
 # runs too: the measurements are then the CPU's, and the roofline, tables and sliders use a GPU's
 # data sheet instead (pick one with the slider of section 6).
 
@@ -57,8 +59,11 @@ device = setup()
 #
 # On log-log axes the bound min(P, W · I) is a roof: a slope of bandwidth, then a flat ceiling of
 # compute, meeting at the ridge. A kernel is a point at its intensity; the roof above it is the
-# fastest it can go. Raising a kernel's intensity (batching, fusing, fewer bytes per value) moves
-# it right, along the slope, until it reaches the flat part.
+# fastest it can go. The sketch uses round illustrative ceilings (P = 1000 TFLOP/s, W = 3300 GB/s,
+# ridge ≈ 303) and made-up kernel points; this device's own ceilings are measured in sections 1
+# and 2, and the models' real points are placed in section 4. Raising a kernel's intensity
+# (batching, fusing, fewer bytes per value) moves it right, along the slope, until it reaches the
+# flat part.
 
 # %%
 def roofline_diagram(peak: float = 1000.0, bw: float = 3300.0):
@@ -177,10 +182,13 @@ ridge_measured = roofline.ridge_point(matmul_bf16_tflops, copy_gbps)
 print(f"ridge point of the measured ceilings: {ridge_measured:,.0f} FLOP per byte")
 
 # %% [markdown]
-# **The ceilings used below.** On a GPU, the two measured numbers. On a CPU they describe a machine
-# no one serves LLMs on (its "matmul peak" is a few small matmuls through one library call), so the
-# roofline, the tables and the slider use a GPU's data sheet instead: an H200 by default, any GPU
-# of `labutils.hardware.SPECS` through the slider of section 6.
+# **The ceilings used below.** On a GPU, the two measured numbers. On this H200 the copy reached
+# 4,273 GB/s (89% of the sheet's 4,800) and the best matmul 714 TFLOP/s at n = 4096 (72% of the
+# sheet's 989; the larger sizes were not faster), a measured ridge of 167 FLOP/B, about half the
+# sketch's 303. On a CPU they describe a machine no one serves LLMs on (its "matmul peak" is a few
+# small matmuls through one library call), so the roofline, the tables and the slider use a GPU's
+# data sheet instead: an H200 by default, any GPU of `labutils.hardware.SPECS` through the slider
+# of section 6.
 
 # %%
 GPUS = (["this device (measured)"] if has_cuda() else []) + list(hardware.SPECS)
@@ -206,10 +214,12 @@ print(f"ceilings used below: {roof_name}: {bw:,.0f} GB/s, {peak:,.1f} TFLOP/s ->
 # weights:
 #
 # - **prefill** processes the T prompt tokens together: 2NT FLOPs for ~2N bytes (bf16), intensity
-#   ≈ T. A prompt of a few hundred tokens is already compute-bound.
+#   ≈ T. A prompt of a couple of hundred tokens is already past the ridge (167 FLOP/B here) and
+#   compute-bound; at T = 2k the table below prints 1,971-2,201 FLOP/B.
 # - **decode** produces one token per sequence per step: at batch 1, 2N FLOPs for 2N bytes,
-#   intensity ≈ **1 FLOP/byte** (your `matmul_intensity` at B = 1), hundreds of times below the
-#   ridge. Decode speed is set by bandwidth alone: tokens/s ≤ W / (weight bytes).
+#   intensity ≈ **1 FLOP/byte** (your `matmul_intensity` at B = 1; 1.00-1.16 in the table), about
+#   150 times below the ridge of 167. Decode speed is set by bandwidth alone:
+#   tokens/s ≤ W / (weight bytes).
 #
 # The table applies this to every architecture in `labutils.configs` (their published shapes; the
 # attention terms and KV-cache reads are included, see `labutils/roofline.py`). The decode bound
@@ -236,13 +246,16 @@ print(intensity.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
 
 # %% [markdown]
 # The last column is the fastest any batch-1 decoder can go for each model on these ceilings: the
-# time to read every weight (and the KV cache) once. Notebook 02 builds a decode loop and measures
-# how close it comes.
+# time to read every weight (and the KV cache) once. On this H200 that is about 280-310 tok/s for
+# the 7-8B models (13-15 GB of weights), about 31 tok/s for the 70B ones and 14,606 tok/s for
+# SmolLM2-135M. Notebook 02 builds a decode loop and measures how close it comes.
 #
 # ## 4. The roofline, with the models on it
 #
-# Each point sits on the roof at its intensity: that is the best it can do. Decode points pile up
-# at the far left, on the bandwidth slope; prefill points sit on the flat compute roof.
+# Each point sits on the roof at its intensity: that is the best it can do. Batch-1 decode points
+# pile up at the far left (I ≈ 1.0-1.2); batch 64 moves them to 12-52 FLOP/B (SmolLM2-135M lowest,
+# Qwen2.5-7B highest), still on the bandwidth slope below the ridge of 167; prefill points
+# (≈ 2,100 FLOP/B) sit on the flat compute roof.
 
 # %%
 points = []
@@ -287,9 +300,10 @@ kv = pd.DataFrame(kv)
 print(kv.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
 
 # %% [markdown]
-# A single Llama-2-7B sequence at its 4k context already holds 2 GiB of cache (exactly: 2 · 32 · 32
-# · 128 · 2 B · 4096); at batch 64 the cache outweighs the model several times over. That is why
-# serving systems (notebook 06) manage it in pages.
+# A single Llama-2-7B sequence at its 4k context already holds 2 GiB of cache (exactly: 2 · 32 ·
+# 32 · 128 · 2 B · 4096), 0.16 of its weights; at batch 64 that is 128 GiB, about ten times the
+# weights. Grouped-query attention cuts Llama-3-8B to 128 KiB per token, a quarter of Llama-2-7B's
+# 512. That is why serving systems (notebook 06) manage it in pages.
 #
 # ## 6. When does decode stop being memory-bound?
 #
@@ -350,11 +364,18 @@ print(f"\nQwen2.5-7B at context 1024: " + (f"compute-bound from batch {qwen_1k} 
                                             if qwen_1k else "memory-bound at every batch up to 4096"))
 
 # %% [markdown]
-# With no context the knee sits near B ≈ ridge point (decode intensity ≈ B). Every cached token
-# moves it right, and past the context of the last column it is gone: decode stays memory-bound
-# at any batch, and only a smaller cache per token helps (fewer KV heads per query head, fewer
-# bytes per cached value). The function below computes the bound on tokens/s as B grows for one
-# model; the slider runs the same function, on this device or on any GPU's data sheet.
+# With no context the knee is at B = 168 for all four models, next to the ridge of 167 FLOP/B
+# (decode intensity ≈ B). Every cached token moves it right (Qwen2.5-7B: 168, 183, 201, 251, 499
+# from context 0 to 1024), and past the context of the last column it is gone: decode stays
+# memory-bound at any batch, and only a smaller cache per token helps (fewer KV heads per query
+# head, fewer bytes per cached value). The ranking follows the cache per token: Qwen2.5-7B (7
+# query heads per KV head, 56 KiB per token) keeps a knee up to about 1,540 tokens, Llama-3-8B and
+# Mistral-7B (4 per KV head, 128 KiB) up to about 700 and 670, Llama-2-7B (no sharing, 512 KiB)
+# only up to about 150: at context 256 it has none. The function below computes the bound on
+# tokens/s as B grows for one model; the slider runs the same function, on this device or on any
+# GPU's data sheet. For Qwen2.5-7B at context 1024 the table shows decode memory-bound up to batch
+# 256 and compute-bound from 512 (the knee is 499), where the bound flattens at about 49,000
+# tok/s, 163 times the 301 tok/s of batch 1.
 
 # %%
 def decode_vs_batch(batch: int = 1, context: int = 1024, gpu: str = roof_gpu, model: str = "Qwen2.5-7B"):

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -23,12 +25,19 @@
 #    of the embedded model (SmolLM2-135M-Instruct) and checked **logit for logit** against Hugging
 #    Face transformers;
 # 3. **greedy generation without a cache**, and what it costs: every new token re-runs the whole
-#    sequence, so the work per token grows with the length and the total work at least
-#    quadratically; whether the measured time follows depends on what bounds a step, which
-#    section 5 measures.
+#    sequence, so the FLOPs per token grow with the length and the total FLOPs at least
+#    quadratically (log-log slope 2.01 to 2.33 between 128 and 8192 tokens for this model). The
+#    measured time does not follow at first. On the H200 of this run a step with naive attention
+#    costs 40-49 ms from 128 to 2048 tokens, almost whatever the length: a 135M-parameter model is
+#    bound by kernel-launch and Python overhead, so the total time grows linearly (slope
+#    0.98-1.10). The quadratic term becomes
+#    visible only with naive attention, from 4096 tokens (92 ms a step, total slope 1.36 from 2048
+#    to 4096), and dominates at 8192 (351 ms a step, per-step slope 1.93, total slope 2.27).
+#    With PyTorch's fused attention a step stays at 33-42 ms up to 8192 tokens (total slope at
+#    most 1.03). Section 5 measures this.
 #
 # The decoder has three narrow seams (attention function, KV cache, linear layers) through which
-# notebooks 02-06 plug in their techniques, so there is only ever one model.
+# the later notebooks plug in their techniques, so there is only ever one model.
 #
 # You write three functions on the way, each checked by the cell after it: causal attention, the
 # rotary position embedding, and the FLOP count of generating without a cache.
@@ -141,7 +150,8 @@ show_source(decoder.RMSNorm)
 # **Exercise 2: RoPE.** Rotate x (T, d) at positions pos (T,). Llama, Qwen2 and Mistral pair
 # coordinate i with i + d/2 (the "half-split" layout) and turn pair i by the angle
 # pos · θ^(−2i/d), i = 0 … d/2 − 1: (a, b) → (a cos − b sin, b cos + a sin). Low i turn fast
-# (a radian per position for i = 0), high i slowly (a full turn takes thousands of positions).
+# (a radian per position for i = 0), high i slowly: with θ = 10000 and d = 64 the last pair needs
+# about 47,000 positions for a full turn (about 440,000 with this model's θ = 100000).
 
 # %%
 def rope(x, pos, theta: float = 10000.0):
@@ -379,7 +389,10 @@ show(fig)
 # **The total.** Generating n tokens without a cache sums the step costs over lengths 1 … n.
 # Integrating the measured curve (trapezoids between the measured lengths) and taking the slope of
 # log(total) against log(n) shows how the bill grows, beside the same slope of the FLOP model
-# (exercise 3) and the per-step slopes (a step's slope is the total's minus one).
+# (exercise 3) and the per-step slopes. If a step's time grew as n^a over the whole range, the
+# total would grow as n^(a+1); between two measured lengths the total's slope stays below the
+# step's plus one, because the total still holds all the cheaper, shorter steps (naive, 4096 to
+# 8192 tokens: step 1.93, total 2.27).
 
 # %%
 slopes = {}
@@ -407,16 +420,33 @@ print(f"naive: the step grows {grow:.1f}x from {lengths[-2]} to {lengths[-1]} to
       f"{slopes['naive']['total'][-1]:.2f} between them.")
 
 # %% [markdown]
-# Reading the numbers: where the step time does not change with the length, a step is bound by
-# **overhead**, not by the work: 30 layers of small kernels, each launched from Python, cost a
-# fixed time far above the roofline bound of the step (notebook 02 removes most of it with CUDA
-# graphs). Generating n tokens then costs n times that constant, a measured slope near 1, although
-# the FLOPs grow with slope 2 or more. The work shows in the time only once a step's share of it
-# exceeds the overhead; on a model this small the first place that can happen is naive attention at
-# long lengths, whose score matrix (n_head × n × n) grows with the square of the length: the two
-# lines above say whether, and where, it does on this device. A larger model, or a batch of
-# sequences, makes every step's work larger than its overhead, and then the no-cache bill grows as
-# the FLOP model says. The KV cache makes each step touch one new token.
+# Reading the numbers (H200, bf16). From 128 to 2048 tokens a naive step takes 40-49 ms, an SDPA
+# step 33-41 ms and HF's `generate(use_cache=False)` 36-45 ms per token (128 to 4096; at 8192 the
+# context has no room for 4 more tokens), while the roofline bound of a step grows from 0.06 to
+# 1.0 ms (bound / measured 0.002 to 0.02). Where the step time does not change with the length, a
+# step is bound by **overhead**, not by the work: 30 layers of small kernels, each launched from
+# Python, cost a fixed time far above the roofline bound of the step (notebook 02 removes most of
+# it with CUDA graphs). The per-step slopes of naive attention up to 2048 tokens (−0.08 to 0.21) and
+# of SDPA at all lengths (−0.27 to 0.31) are within the p20-p80 spread of the timings. Generating
+# n tokens then costs n times that constant: a measured total slope of 0.98-1.10 (naive, up to
+# 2048 tokens) and 0.92-1.03 (SDPA, up to 8192), although the FLOPs grow with slope 2.01-2.33.
+#
+# The work shows in the time only once a step's share of it exceeds the overhead. On a model this
+# small that happens only with naive attention, whose fp32 score matrix (n_head × n × n: 9 × 8192²
+# ≈ 6.0 × 10⁸ values, 2.4 GB per layer at 8192 tokens) is written and read several times per
+# layer. Its step rises a little at 1024-2048 tokens (47-49 ms against 40-42 ms at 128-512, about
+# the size of the timing spread), then clearly: 92 ms at 4096 (per-step slope 0.90 from 2048) and
+# 351 ms at 8192 (slope 1.93, close to the 2 of the score matrix alone), and the total's slope
+# climbs to 1.36 and then 2.27. The quadratic term thus becomes visible from 4096 tokens and
+# dominates at 8192, where a step takes 8.3 times as long as at 128 for 129 times the FLOPs. (At
+# 4096 and 8192 the p20 and p80 of the naive step coincide: only one or two runs fit in the timing
+# budget.) Even at 8192 tokens the roofline bound, 6.3 ms, is 1.8% of the measured step: it counts
+# the step's FLOPs at the bf16 peak and the bytes of weights and KV, not the traffic of the
+# materialised score matrix nor the fp32 matmuls of naive attention, which is where that step's
+# time goes (FlashAttention, notebook 03, keeps the matrix on chip). A larger model, or a batch of
+# sequences, would make every step's work larger than its overhead, and then the no-cache bill
+# would grow as the FLOP model says; that is not measured here. The KV cache makes each step touch
+# one new token.
 #
 # The slider reruns the same measurement at any length (lengths the model or memory cannot take
 # are refused with a message; without a GPU the slider stops at 512 tokens).

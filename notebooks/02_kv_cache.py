@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -26,7 +28,8 @@
 # 4. has you derive the speed limit of decoding: at batch 1 a step must read every weight once, so
 #    tokens/s ≤ bandwidth / bytes. Then it builds a **decode engine** that approaches that limit,
 #    one overhead at a time, on a Qwen2.5-7B **shape twin** (its exact architecture with random
-#    weights: right for speed, meaningless for text), starting from Hugging Face `generate`;
+#    weights: right for speed, meaningless for text), starting from Hugging Face `generate` (in the
+#    run shown, on an H200: from 25.8 tok/s to 232.6 tok/s, 77% of the limit);
 # 5. sweeps the batch size towards the point where decoding stops being memory-bound.
 
 # %%
@@ -360,15 +363,22 @@ show(fig)
 # %% [markdown]
 # Generating n tokens costs n(n+1)/2 token passes without a cache and n with one: O(n²) against
 # O(n) in the linear layers. Attention over the cache still grows with n, but it reads only the
-# cache's bytes per step, small next to the weights until n reaches tens of thousands (printed
-# below). With the cache, a step of this eager loop costs about the same at every context: it is
-# bound by launching small kernels from Python (counted in section 5), not by the weights or the
-# cache. Without the cache the step grows with n once the n-token forward's FLOPs outweigh that
-# fixed launch cost, and a generation pays that growing price at every step. Where both are
-# launch-bound (short contexts), the uncached step can even be the cheaper one: the cached step
-# launches two more kernels per layer (the cache writes). Eager timings of a launch-bound GPU also
-# move with the CPU's load (the ranges above; the slider's single measurement below can differ
-# from the table); section 5's captured steps do not.
+# cache's bytes per step, small next to the weights: 470 MB at n = 8,192, 3.3% of the 14.14 GB of
+# weights a step reads (printed below), and 1.75 GiB, about 13%, at the model's full 32,768
+# (section 3's table). With the cache, a step of this eager loop shows no trend with the context:
+# its medians lie between 31.9 and 47.3 ms from 128 to 8,192 tokens, ten times or more the 3.3 ms
+# that one step's memory traffic takes (section 5). It is bound by launching small kernels from
+# Python (counted in section 5), not by the weights or the cache. Without the cache the step grows
+# with n once the n-token forward's FLOPs outweigh that fixed launch cost: 29.7 ms at 128 tokens,
+# 33.6 ms at 1,024, 113 ms at 4,096 and
+# 230 ms at 8,192 (about ∝ n between the last two, 5.6x the cached step), and a generation pays
+# that growing price at every step. Where both are launch-bound (short contexts), the uncached step
+# can even be the cheaper one, as it measured at 128 tokens (29.7 against 43.2 ms) and at 512 (the
+# slider's line: 25.5 against 26.5 ms): the cached step launches more kernels per layer (the two
+# cache writes, and the causal mask over the cache that its attention needs). Those few launches
+# per layer can explain a gap of a millisecond or a few, like the one at 512 tokens, not 13.5 ms:
+# eager timings of a launch-bound GPU also move with the CPU's load (the ranges above, and the
+# cached step's medians, which are not ordered by n); section 5's captured steps do not.
 
 # %%
 kv_tok = roofline.kv_bytes_per_token(tcfg, twin_dtype_bytes)
@@ -429,8 +439,10 @@ bound_ok = check("decode_tok_s_memory_bound", decode_tok_s_memory_bound)
 
 # %% [markdown]
 # W is the copy bandwidth that notebook 00 measured on this GPU (`labutils.hardware.ceilings()`
-# reads it from 00's results of the same device, and measures only when there are none). A looser
-# convention divides W by the whole model, embedding table included; both ratios are printed.
+# reads it from 00's results of the same device, and measures only when there are none; 4,273 GB/s
+# on the H200 of the run shown). A looser convention divides W by the whole model, embedding table
+# included; both ratios are printed (for the Qwen2.5-7B twin in bf16: 14.15 GB read per step, so
+# 302.1 tok/s, against 15.23 GB of model, 280.5 tok/s).
 
 # %%
 ceil = ceilings()
@@ -552,15 +564,19 @@ fig.update_layout(title=f"Batch-1 decode, {twin_arch} shape twin ({str(twin_dtyp
 show(fig)
 
 # %% [markdown]
-# What each stage bought, read off the bars and the lines below. The eager loop is bound by Python
-# and kernel launches, not by the GPU: its step takes a multiple of the memory traffic's time
-# (printed below); so is HF's `generate` with its dynamic cache. Replaying a CUDA graph makes the CPU's cost per token one
-# launch. Compiling fuses the small elementwise kernels that sat between the matmuls. The rest
-# comes from the matmuls themselves: at batch 1 each is a single pass over a weight matrix, and a
-# short pass spends a noticeable share of its time ramping up and down; concatenating q/k/v and
-# gate/up makes fewer, longer passes, and the Triton kernel streams the large ones (the lm_head
-# above all) closer to the copy bandwidth than cuBLAS's matrix-vector kernel does, where it does:
-# the stage lines below say what it bought on this GPU.
+# What each stage bought, read off the bars and the lines below (H200, medians). The eager loop is
+# bound by Python and kernel launches, not by the GPU: 22.9 tok/s, a 43.6 ms step against 3.31 ms of
+# memory traffic (13.2x), spread over 1,430 GPU operations (~31 us each); HF's `generate` with its
+# dynamic cache is in the same regime, 25.8 tok/s (8.6% of the bytes-read roofline, with a wide
+# spread between runs). Replaying a CUDA graph makes the CPU's cost per token one launch: 148.3
+# tok/s, 6.47x the eager stage, 49.1% of the roofline. Compiling fuses the small elementwise kernels
+# that sat between the matmuls: 183.4 tok/s, 1.24x, 60.7%. The rest comes from the matmuls
+# themselves: at batch 1 each is a single pass over a weight matrix, and a short pass spends a
+# noticeable share of its time ramping up and down; concatenating q/k/v and gate/up makes fewer,
+# longer passes, and the Triton kernel is meant to stream the large ones (the lm_head above all)
+# closer to the copy bandwidth than cuBLAS's matrix-vector kernel. Together they bring 232.6 tok/s,
+# 1.27x the compile stage: 77.0% of the bytes-read roofline, 82.9% of W / model bytes, and 9.0x HF
+# `generate` (this notebook measures the two changes together, not each on its own).
 
 # %%
 traffic_ms = 1e3 / roofline_tok_s_bytes_read
@@ -617,13 +633,17 @@ show(fig)
 
 # %% [markdown]
 # While decoding is memory-bound, the measured line climbs almost in step with the bound: B
-# sequences ride on the same weight reads, and the share of the bound falls only slowly as matmuls
-# with more rows and the per-sequence attention take longer. Decode's arithmetic intensity is ≈ B
-# FLOP/byte in bf16 (the table's FLOP/byte column), so the roofline turns where B reaches the ridge
-# point; past it the bound is the tensor cores, and the measured line bends with it, at a fraction
-# of the matmul peak (skinny matmuls of a few hundred rows, plus attention and norms that do not use
-# the tensor cores). The lines below read these off the table. Longer contexts push the turn
-# further out (more KV bytes per sequence). Serving systems (notebook 06) live in that region.
+# sequences ride on the same weight reads (161 tok/s at batch 1, 8,670 at batch 64, about 3.8x per
+# 4x of batch), and the share of the bound falls only slowly, from 53% to 46%, as matmuls with more
+# rows and the per-sequence attention take longer. Decode's arithmetic intensity is ≈ B FLOP/byte
+# in bf16 while the weights dominate the bytes (the table's FLOP/byte column: 1.00, 4.00, 15.9,
+# 62.6), and falls below B as the KV reads grow (233 at B = 256, 734 at 1,024). The roofline turns
+# where it reaches the ridge point (167 FLOP/byte here), between batch 64 and 256; past it the
+# bound is the tensor cores, and the measured line bends with it (2.69x from 64 to 256, then 1.20x
+# and 1.10x per doubling), at 46-61% of the 714 TFLOP/s matmul peak (skinny matmuls of a few
+# hundred rows, plus attention and norms that do not use the tensor cores). The lines below read
+# these off the table. Longer contexts push the turn further out (more KV bytes per sequence).
+# Serving systems (notebook 06) live in that region.
 
 # %%
 first, last = sweep.iloc[0], sweep.iloc[-1]

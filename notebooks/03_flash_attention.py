@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -12,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # 03 · FlashAttention in Triton, from online softmax to a kernel near cuDNN
+# # 03 · FlashAttention in Triton, from online softmax to a kernel measured against cuDNN
 #
 # Naive attention (notebook 01) writes the N × N score matrix to memory, reads it back for the
 # softmax, writes the probabilities and reads them again to multiply by V. FlashAttention tiles Q,
@@ -121,10 +123,13 @@ print(traffic.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
 print(f"ridge point of this device: {ridge:,.0f} FLOP/byte")
 
 # %% [markdown]
-# Naive attention sits near d/3 ≈ 43 FLOP/byte at every N: far below the ridge point printed above,
-# memory-bound on any current GPU. FlashAttention's intensity lies between ~B_r (every K/V re-read
-# from HBM) and ~N/2 (K and V read once); where the lower value falls below the ridge, it is L2's
-# reuse of K and V that lets the kernel be compute-bound.
+# Naive attention (d = 128) sits at 37 FLOP/byte at N = 512, rising to d/3 ≈ 43 at N = 32k: a
+# quarter of the ridge point of this device (167 FLOP/byte), so memory-bound; at the copy ceiling
+# (4,273 GB/s) 42 FLOP/byte allow at most ~180 TFLOP/s. FlashAttention's intensity lies between
+# ~B_r (every K/V re-read from HBM: 102 to 128 FLOP/byte with B_r = 128) and ~N/2 (K and V read
+# once: 256 FLOP/byte at N = 512 and more beyond). The lower value is below the ridge at every N,
+# the upper one above it from N = 2 × 167 ≈ 330 on: it is L2's reuse of K and V that lets the
+# kernel be compute-bound.
 #
 # ## 2. Online softmax
 #
@@ -392,14 +397,15 @@ print(f"every shape within 1e-2 of the float32 reference: {bool((checks['rel err
 # `flash_attention` as a caller gets it (the TMA kernel, autotuned per length bucket); beside it the
 # pointer kernel with one fixed tiling, to show what the descriptors buy.
 #
-# **The ceiling, predicted.** From N ≈ 1k on, the kernel has enough arithmetic per byte to be
-# compute-bound (section 1), so its ceiling is the tensor cores' rate minus what the softmax costs.
+# **The ceiling, predicted.** At the lengths measured here (N ≥ 1024) the kernel has enough
+# arithmetic per byte to be compute-bound as long as the K/V re-reads hit in L2 (section 1), so its
+# ceiling is the tensor cores' rate minus what the softmax costs.
 # Per SM and clock cycle, a Hopper SM (H100, H200) does 2,048 dense fp16/bf16 FMAs on its four
 # tensor cores (an A100's SM: 1,024), but only 16 exponentials on its special-function units.
 # For one B_r × B_c tile the two matmuls cost 2·B_r·B_c·d FMAs and the softmax B_r·B_c
-# exponentials; a kernel that does not overlap the two (FlashAttention-2 style, as this one) waits
-# for both, one that overlaps them with warp specialization (FlashAttention-3, cuDNN) can hide the
-# exponentials behind the matmuls:
+# exponentials; a kernel that does not overlap the two at all waits for both, one that overlaps
+# them with warp specialization (FlashAttention-3, cuDNN) can hide the exponentials behind the
+# matmuls. The library's kernel has no warp specialization (FlashAttention-2 style):
 
 # %%
 FMA_PER_SM = {9: 2048, 8: 1024}  # dense fp16/bf16 tensor-core FMA per cycle per SM: Hopper, Ampere (A100)
@@ -427,9 +433,10 @@ bound = pd.DataFrame(bound)
 print(bound.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
 
 # %% [markdown]
-# (The matmul rate in the last column is the one measured in notebook 00, usually well below the
-# data sheet's: under a full tensor-core load the clock falls below the boost clock the sheet's
-# figure implies.)
+# (The matmul rate in the last column is the one measured in notebook 00, 714 TFLOP/s, 72% of the
+# data sheet's 989: at 2,048 FMA per cycle per SM it corresponds to 1.32 GHz rather than the
+# 1.83 GHz the sheet's figure implies; under a full tensor-core load the clock falls below the
+# boost clock.)
 #
 # **Predict first.** What fraction of the measured dense matmul rate will the Triton kernel reach at
 # the longest length below, head_dim 128, non-causal? Enter a number between 0 and 1.
@@ -531,26 +538,45 @@ print(f"TMA kernel over the pointer kernel: {tma_gain.min():+.0%} to {tma_gain.m
       f"(largest at N={int(wide.loc[tma_gain.idxmax(), 'N'])})")
 
 # %% [markdown]
-# **Reading the table.** The lines above put each kernel against the matmul ceiling and the
-# prediction. Where the Triton kernel lands near the "no overlap" share, the exponentials and the
-# rescaling wait for the matmuls, as predicted; cuDNN's margin over it comes from overlapping the
-# softmax of one tile with the tensor-core work of another (warp specialization with
-# producer/consumer warp groups, as in FlashAttention-3). Triton 3.6 offers `warp_specialize=True`
-# on Hopper, but in a sweep it was no faster and failed to compile with 4 warps, so the autotuner
-# does not use it. Where it loses further:
+# **Reading the table.** At N = 16k, non-causal, the Triton kernel reaches 519 TFLOP/s at head_dim
+# 128, 73% of the measured matmul rate, and 408 TFLOP/s at head_dim 64, 57%: above the "no overlap"
+# shares of 67% and 50%, so some of the exponentials already run while the tensor cores work (the
+# matmuls are issued asynchronously, and two programs of ~96 KiB of shared memory each fit on one
+# SM, so one program's softmax can run during the other's matmuls). cuDNN goes further, 594 and
+# 492 TFLOP/s (83% and 69%), by overlapping the softmax of one tile with the tensor-core work of
+# another on purpose (warp specialization with producer/consumer warp groups, as in
+# FlashAttention-3). The kernel can be compiled with Triton's `warp_specialize` (the `WARP_SPEC`
+# flag), but none of the autotuner's configurations turns it on (section 6 prints
+# `WARP_SPEC: False` for every choice), so what is measured here is the kernel without it.
+# SDPA's FlashAttention-2 backend reaches 338 and 303 TFLOP/s there (47% and 42%), and no more than
+# 338 at any length.
+#
+# Against the two SDPA backends at head_dim 128 and N ≥ 4096 (the ratio table above), the Triton
+# kernel is 1.29× to 1.54× SDPA's FlashAttention-2 and 0.73× to 0.91× cuDNN. The worst ratio to
+# cuDNN, 0.73, is at N = 4096 non-causal, where cuDNN peaks (648 TFLOP/s, above its 594 at N = 16k)
+# while Triton is at 474; causal, it is 0.76 at N = 4096 and 0.91 at N = 16k. At head_dim 64 it is
+# 0.80× to 0.92× cuDNN. The TMA kernel is 0% to 35% faster than the pointer kernel (the most at
+# N = 1024, head_dim 64, causal; about equal at N = 4096, head_dim 128, causal); the pointer kernel
+# runs one fixed tiling, so part of that gain is the autotuned tiling. Where the Triton kernel loses
+# further:
 #
 # - **short sequences** (N = 1024 with B = 16): each program has only a few key blocks to stream,
-#   so the fixed costs (loading Q, the epilogue, the masked diagonal block when causal) weigh more;
+#   so the fixed costs (loading Q, the epilogue, the masked diagonal block when causal) weigh more:
+#   at head_dim 128 it runs at 452 TFLOP/s non-causal and 346 causal at N = 1024, against 519 and
+#   486 at N = 16k;
 # - **head_dim 64**: half the matmul work per score, the same softmax work per score, so the
 #   exponentials weigh twice as much (the prediction drops from 2/3 to 1/2 of the peak) and every
-#   kernel drops, cuDNN too;
-# - **naive attention** is memory-bound (section 1), and causally masked it runs the full matrix
-#   plus a masking pass and then throws half the work away; it is not run at N = 16k (each copy of
-#   the scores would be 16 GiB).
+#   kernel drops, cuDNN too (at N = 16k non-causal: Triton 519 → 408, cuDNN 594 → 492, SDPA
+#   FlashAttention-2 338 → 303 TFLOP/s);
+# - **naive attention** is memory-bound (section 1): 138 TFLOP/s at N = 1024 and 98 at N = 4096
+#   (head_dim 128, non-causal), under the 168 and 179 TFLOP/s that its 6N² traffic allows at the
+#   copy ceiling. Causally masked it runs the full matrix plus a masking pass and then throws half
+#   the work away (33 and 27 TFLOP/s). It is left out at N = 16k, where each copy of the scores of the
+#   32 heads is 16 GiB (section 7 runs it once for its memory: 32 GiB extra at the peak).
 #
 # **Naive attention: which traffic model is right?** Section 1 counted 4N² or 6N² matrix values;
-# at the copy bandwidth these predict a speed that the measurement may or may not reach. Timing each
-# of its kernels alone shows where the time goes:
+# at the copy bandwidth these predict 265 and 179 TFLOP/s at N = 4096, head_dim 128, but the table
+# measured 98. Timing each of its kernels alone shows where the time goes:
 
 # %%
 Nn, dn = pick(4096, 64), 128
@@ -585,11 +611,13 @@ del q, k, v, s, s2, p
 
 # %% [markdown]
 # The 4N² model is the wrong count for this code: the scale is a kernel of its own, and each of the
-# four kernels moves its matrix through HBM once or twice. With the 6N² count, the remaining gap is
-# how far each kernel falls short of the copy bandwidth (the "of copy BW" column): the matmuls that
-# write or read the N × N matrix and the softmax each run at their own fraction of it. Per-kernel
-# bytes over per-kernel time is the model that holds; a single intensity for the whole computation
-# only bounds it.
+# four kernels moves its matrix through HBM once or twice. With the 6N² count the model predicts
+# 6.16 ms and the measurement takes 11.24 ms, 1.83× as long; the kernels timed alone add up to the
+# same 11.23 ms, so the gap is how far each kernel falls short of the copy bandwidth (the "of copy
+# BW" column). The scale runs at the copy ceiling (1.005), O = P V at 0.93 and S = Q Kᵀ at 0.77
+# of it, but the softmax moves its 8.6 GB at 1,284 GB/s, 0.30 of the ceiling: 6.69 ms where the
+# model allows 2.01, which is 4.7 of the 5.1 ms of the gap. Per-kernel bytes over per-kernel time
+# is the model that holds; a single intensity for the whole computation only bounds it.
 
 # %%
 fig = px.line(perf, x="N", y="tflops", color="kernel", line_dash="causal", facet_col="head_dim", markers=True,
@@ -657,11 +685,18 @@ slider(try_blocks, seq_len=(64, pick(16384, 256), 64, pick(4096, 64)), block_m=(
        block_n=(16, 256, 16, pick(64, 16)), stages=(1, 5, 1, 2), warps=(4, 8, 4, 4))
 
 # %% [markdown]
+# The default call uses the tiling the autotuner chose for causal N = 4096 at head_dim 128
+# (128 × 64, 2 stages, 4 warps) and reaches 254 TFLOP/s, against 393 for the same shape class in
+# section 5: one sequence of 8 heads gives 256 programs for 132 SMs, too few to even out the unequal
+# lengths of causal rows, where section 5 ran 4 sequences of 32 heads.
+#
 # ## 7. Memory: the matrix that is never written
 #
 # The naive forward keeps two N × N matrices alive at once (the scores while the scaled copy is
 # made, then the scaled copy while the softmax writes the probabilities): 2 · 2 bytes · H · N²
-# extra. The fused kernel allocates only its output.
+# extra. The fused kernel allocates only its output. The measured peaks below agree: naive attention
+# takes the model's 0.125, 2 and 32 GiB plus its output (0.008, 0.031 and 0.125 GiB), the Triton
+# kernel exactly its output.
 
 # %%
 mem = []
@@ -732,8 +767,10 @@ print(f"decode: rel err {dec_err:.1e}; {t.median_ms * 1e3:.1f} us (p20-p80 {t.p2
       f"= {dec_gbps / ceil['copy_gbps']:.0%} of the copy ceiling ({ceil['copy_gbps']:,.0f} GB/s)")
 
 # %% [markdown]
-# What is missing to the ceiling is mostly the ramp-up and the tail of a grid of short programs,
-# each reading one chunk.
+# The 268 MB of K and V take 93.3 µs at the median: 2,877 GB/s, 67% of the copy ceiling. The
+# spread is wide (p20 82.9 µs, 3,238 GB/s or 76%; p80 157.4 µs): at this size a call is short
+# enough for fixed costs to weigh, the second (merge) kernel and the start and the tail of a grid of
+# 272 short programs (17 splits of about 1,900 keys each), each reading one chunk.
 #
 # Plugged into the lab decoder through its attention seam, with a static cache: the greedy text
 # of the embedded model must not change.

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -12,12 +14,15 @@
 # ---
 
 # %% [markdown]
-# # 04 · Weight-only quantization: fewer bytes, more tokens per second
+# # 04 · Weight-only quantization: fewer bytes per weight, and what they buy in speed
 #
 # At batch 1 a decode step reads every weight once (notebook 02), so storing weights in fewer
 # bytes should buy speed in proportion: int8 halves the bytes of bf16, int4 quarters them. That
-# only happens if the weights are dequantized *inside* the matrix-vector product, in registers;
-# a layer that first writes a bf16 copy of its weight to memory moves more bytes than it saves.
+# can only happen if the weights are dequantized *inside* the matrix-vector product, in registers;
+# a layer that first writes a bf16 copy of its weight to memory moves more bytes than it saves
+# (section 3 measures it: 163 us for a 3584 → 18944 layer at one row, against 43.4 us for cuBLAS on
+# the bf16 weight). Even then the bytes set the speed only as far as the kernel keeps up with them:
+# in this run INT8 decodes 1.43x as many tokens per second as bf16, INT4 1.08x and NF4 0.44x (section 4).
 # This notebook
 #
 # 1. builds three quantizers (INT8 per channel, INT4 per group of 128, NF4 per block of 64), has you
@@ -29,10 +34,10 @@
 # 5. measures what each format costs in perplexity on real weights (the embedded model);
 # 6. looks beyond weight-only: W8A8 through `torch._int_mm` and FP8.
 #
-# **About the "unquantized" model.** The embedded SmolLM2-135M ships as a Q4_1 GGUF, so its fp32
-# weights are already a 4-bit model dequantized; quantizing them again adds a second round of
-# error on a grid that does not line up with the first. Its perplexities say how the formats
-# compare, not what they would cost a bf16 model.
+# **About the "unquantized" model.** The embedded SmolLM2-135M ships as a Q4_1 GGUF, so its float
+# weights (fp32 as loaded, bf16 in section 5) are already a 4-bit model dequantized; quantizing them
+# again adds a second round of error on a grid that does not line up with the first. Its
+# perplexities say how the formats compare, not what they would cost a bf16 model.
 
 # %%
 import logging
@@ -125,7 +130,8 @@ check("int4_group_quantize", int4_group_quantize)
 # %% [markdown]
 # The package's quantizer does the same and keeps the codes, scales and zero points. It stores each
 # scale in fp16, rounded *up* so that no weight leaves the code range, so its round trip differs
-# from yours by a little more than rounding:
+# slightly from yours (below: by 1.0e-02 relative to your round trip, with relative errors of
+# 0.10149 against your 0.10145):
 
 # %%
 show_source(quant.quantize_int4)
@@ -251,9 +257,11 @@ err = pd.DataFrame(rows)
 print(err.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
 
 # %% [markdown]
-# Smaller groups cost more bytes (one scale and one zero point per group) and buy accuracy. The
-# kernels step through K in chunks of whole groups, so a group is a power of two of at least 32 that
-# divides K; the slider offers exactly those (as an exponent: 5 is 32, 7 is 128).
+# Smaller groups cost more bytes (one scale and one zero point per group) and buy accuracy: on the
+# Gaussian weight, groups of 32 store 0.5938 bytes per weight at a relative error of 0.0808, groups
+# of 512 store 0.5059 at 0.1176. The kernels step through K in chunks of whole groups, so a group is a
+# power of two of at least 32; the slider offers those that also divide K (here 32 to 512, since
+# 3584 = 7 × 512).
 
 # %%
 GROUPS = [g for g in (32, 64, 128, 256, 512, 1024) if K % g == 0]  # valid group sizes for this K
@@ -288,8 +296,9 @@ show_source(quant._w4_gemv_kernel)
 # layers run `_w4_mma_kernel`: the same words and magic numbers, each nibble position's dequantized
 # (BLOCK_N, BLOCK_K / 8) tile scaled by its group and handed to `tl.dot` with the matching strided
 # columns of x, so the tensor cores do the multiply-adds for all rows and every weight is still read
-# and dequantized once. (A byte-wise tile kernel, `_w4a16_kernel`, is used only where K is not a
-# multiple of 8; more than 16 rows dequantize and call `F.linear`.)
+# and dequantized once. (A byte-wise tile kernel, `_w4a16_kernel`, is used only where K or the group
+# size is not a multiple of 8; more than 16 rows dequantize and call `F.linear`.) The two kernels
+# shown are the ones timed below: `_w4_gemv_kernel` at one row, `_w4_mma_kernel` at 2-16 rows.
 
 # %%
 show_source(quant._w4_mma_kernel)
@@ -434,12 +443,16 @@ for fmt in FORMATS:
 
 # %% [markdown]
 # **Reading the table.** A kernel that is limited by memory takes time in proportion to its bytes: its
-# "vs cuBLAS" equals its bytes ratio and its "% of copy" is high. Where a format's time ratio stays
-# well above its bytes ratio, the kernel is limited by the work it does per weight, and the last column
-# says which: if INT8 and INT4 turn weights into products at about the same rate per nanosecond, halving
-# the bytes again cannot help INT4 until that work gets cheaper. NF4 does a table lookup per code.
-# bitsandbytes' int8 layer (with `threshold=0`) also quantizes the activations to int8, after casting
-# bf16 inputs to fp16.
+# "vs cuBLAS" equals its bytes ratio and its "% of copy" is high. On the up_proj layer none of the
+# lab's formats gets there. INT8 takes 28.6 us, 0.65x cuBLAS bf16's 43.6 us for 0.50x its bytes (56%
+# of the copy bandwidth, cuBLAS 73%); INT4 takes 30.8 us, 0.70x for 0.26x its bytes (27%); NF4 takes
+# 80.4 us, 1.84x cuBLAS: slower than bf16 on a quarter of its bytes (11%). The last column says why
+# halving the bytes again bought INT4 nothing over INT8: both turn weights into products at about the
+# same rate (2,376 and 2,208 weights per ns), so both are limited by something other than their
+# bytes, most likely the work per weight, and INT4 cannot pull ahead until that gets cheaper. NF4,
+# which looks each code up in a table, manages 845 weights per ns. bitsandbytes takes 41.1 us (int8)
+# and 36.9 us (nf4, 2.2x faster than the lab's NF4); its int8 layer (with `threshold=0`) also
+# quantizes the activations to int8, after casting bf16 inputs to fp16.
 #
 # ### Dequantize first, then multiply?
 #
@@ -448,7 +461,7 @@ for fmt in FORMATS:
 # those 2 again, 4.5 bytes per weight against the fused kernel's 0.52 and cuBLAS's 2 on the
 # unquantized weight. Measured on the up_proj layer at 1 and 16 rows, the dequantization written as
 # PyTorch ops (`unpack`, subtract, multiply in fp32, cast: several passes over the weight), and compiled
-# into one kernel by `torch.compile` (the best an unfused layer can do):
+# into one kernel by `torch.compile` (one pass over the weight):
 
 # %%
 def dequantize_int4(packed, scale, zero, group_size: int, dtype):
@@ -497,6 +510,12 @@ print("the best unfused layer takes " + ", ".join(f"{best_unfused[m] / fused_us[
                                                   f"{m} row{'s' if m > 1 else ''}" for m in best_unfused.index))
 
 # %% [markdown]
+# At one row dequantizing first is much slower, as the bytes predict: 885 us as PyTorch ops and
+# 163 us compiled, against 31.0 us for the fused kernel and 43.4 us for cuBLAS on the bf16 weight
+# (the compiled version takes 5.3x the fused kernel's time, and 2.3x the 72 us its bytes need at
+# copy speed). At 16 rows the fused INT4 kernel is no longer fast: it takes 117 us, 2.6x cuBLAS
+# bf16's 44.9 us, and the compiled unfused layer (164 us) is only 1.4x slower than it.
+#
 # ### Against the number of activation rows
 #
 # Small batches (2-16 rows) run the tile kernels, which read each weight once for all rows: a kernel
@@ -529,6 +548,14 @@ for k in ("lab int8", "lab int4", "lab nf4", CUBLAS):
     s = flat[k]
     print(f"{k:>16}: {s.iloc[0]:6.1f} us at 1 row, {s.iloc[-1]:6.1f} us at {s.index[-1]} rows "
           f"({s.iloc[-1] / s.iloc[0]:.2f}x), {s.iloc[-1] / flat[CUBLAS].iloc[-1]:.2f}x cuBLAS there")
+
+# %% [markdown]
+# **Reading the sweep.** INT8 and cuBLAS keep their time from 1 to 16 rows (INT8 28.6 to 30.8 us,
+# cuBLAS bf16 43.6 to 44.3 us): still limited by their weight bytes. The 4-bit layers do not: INT4
+# goes from 30.8 us at 1 row (the GEMV kernel) to 75.1 us at 2 rows (the tensor-core kernel) and
+# 118.0 us at 16, 2.66x cuBLAS there; NF4 from 80.4 to 305.3 us, 6.89x cuBLAS. At 2-16 rows both are
+# slower than bf16 on this layer, limited by their arithmetic or their number of programs rather than
+# their bytes. bitsandbytes' NF4 climbs as well (36.9 to 87.9 us); its int8 stays at 41-47 us.
 
 # %% [markdown]
 # ## 4. End to end: the decode engine with each format (shape twin)
@@ -630,17 +657,26 @@ for fmt in e.index[1:]:
           f"its bytes per token; {r['% of roofline']:.0%} of its own roofline ({UNQ}: {e.loc[UNQ, '% of roofline']:.0%})")
 
 # %% [markdown]
-# **Reading the engines.** A format's speed-up over bf16 end to end is smaller than its layers'
-# speed-up: attention over the KV cache, the norms and the sampling do not shrink, and the engine
-# adds its own fixed cost per step. A format whose layers were work-bound in section 3 stays far
-# below its own roofline here, since its roofline assumes the bytes alone set the time.
+# **Reading the engines.** INT8 decodes 334 tok/s, 1.43x bf16's 234, for 0.50x its bytes per token;
+# INT4 251 tok/s, 1.08x, for 0.26x; NF4 103 tok/s, 0.44x: slower than bf16 on a quarter of its bytes.
+# Each ratio is also below the format's layer speed-up over cuBLAS in section 3 (up_proj at one row:
+# 1.53x, 1.42x and 0.54x). Attention over the KV cache, the norms, the sampling and the engine's own
+# fixed cost per step do not shrink with the weights and pull every ratio toward 1; that can account
+# for part of INT8's and INT4's shortfall, but not for NF4 ending further below bf16 than its layers
+# did. (The engine's layers are not exactly section 3's: gate and up are fused into one 37888 × 3584
+# projection, the lm_head is quantized too, and bf16 runs the lab's GEMV, `GemvLinear`, not cuBLAS.)
+# Against their own rooflines, which assume the bytes alone set the time, bf16 reaches 77%, INT8 55%,
+# INT4 22% and NF4 9%: the formats whose layers were far from their bytes' time in section 3 stay far
+# from it here.
 #
 # The memory columns count each format alone: "model GiB" is the tensors its model holds (packed
 # codes, scales, the bf16 embedding and norms; not the bf16 twin every format is built from), and
-# "peak GiB" adds what the engine allocates at most. For the lab's formats that peak comes from the
-# prefill: 32 prompt rows are more than the kernels take (16), so each layer is dequantized for
-# `F.linear`, and the largest one, the 152064 x 3584 lm_head, is ~1 GiB in bf16 (INT8) or ~2 GiB on
-# its way through fp32 (INT4, NF4). Decoding itself adds only the KV cache and activations.
+# "peak GiB" adds what the engine allocates at most: 0.26 GiB more for bf16, 1.02 GiB for INT8,
+# 2.04 GiB for INT4 and 1.53 GiB for NF4. For the lab's formats the excess comes from the prefill:
+# 32 prompt rows are more than the kernels take (16), so each layer is dequantized for `F.linear`
+# (through fp32 temporaries), and the largest one the prompt goes through is the fused 37888 × 3584
+# gate and up projection (the prefill computes logits for the last position only, a single row, so
+# the lm_head runs its kernel). Decoding itself adds only the KV cache and activations.
 
 # %% [markdown]
 # ## 5. Quality on real weights: perplexity
@@ -697,16 +733,19 @@ if HAS_BNB:
           f"bitsandbytes int8 (activations rounded to int8 too) {d['bnb_int8']:+.1%}")
 
 # %% [markdown]
-# **Reading the perplexities.** INT8 per channel should cost almost nothing: 256 levels per row leave
-# an error per weight far below what a 135M model notices. The 4-bit formats cost far more, and two
-# causes cannot be separated on this model: a 135M-parameter model is small, and small models lose
-# more to 4-bit rounding; and its weights are already a Q4_1 model (4-bit blocks of 32 with their
-# own scale and minimum), so group-128 INT4 is a second rounding onto a grid that does not line up
-# with the first (compare the real and Gaussian rows of section 1's error table). Activation-aware
-# scaling gives the weights that meet large activations a finer grid, and recovers part of the loss.
-# The lab's NF4 and bitsandbytes' NF4 are the same format and should land close together: a
-# cross-check of the quantizer. The same cell on a bf16-trained hub model
-# (`LAB_QUALITY_MODEL=Qwen/Qwen2.5-0.5B-Instruct`) would tell the two causes apart; it needs the hub.
+# **Reading the perplexities.** INT8 per channel costs almost nothing: 25.39 against 25.37 (+0.1%);
+# 256 levels per row leave an error per weight far below what a 135M model notices. bitsandbytes'
+# int8, which rounds the activations to int8 as well, costs +3.0% (26.13). The 4-bit formats cost far
+# more: INT4 33.13 (+30.5%), NF4 32.82 (+29.3%). Two causes cannot be separated on this model: a
+# 135M-parameter model is small, and small models lose more to 4-bit rounding; and its weights are
+# already a Q4_1 model (4-bit blocks of 32 with their own scale and minimum), so group-128 INT4 is a
+# second rounding onto a grid that does not line up with the first. The error per weight does not
+# tell them apart either: section 1's table gives INT4 a relative error of 0.1015 on the real layer
+# and 0.1005 on a Gaussian one. Activation-aware scaling gives the weights that meet large
+# activations a finer grid: 30.87 (+21.7%), 29% of INT4's loss recovered. The lab's NF4 and
+# bitsandbytes' NF4 are the same format and land close together, 32.82 and 32.87: a cross-check of
+# the quantizer. The same cell on a bf16-trained hub model (`LAB_QUALITY_MODEL=Qwen/Qwen2.5-0.5B-Instruct`)
+# would tell the two causes apart; it needs the hub.
 
 # %% [markdown]
 # ## 6. Beyond weight-only: W8A8 and FP8
@@ -777,15 +816,20 @@ else:
 
 # %% [markdown]
 # **Where they pay.** At 1-16 rows these are GEMM kernels meeting a GEMV's workload: the product is
-# limited by the weight bytes, which are the same as weight-only INT8's, so they cannot beat the INT8
-# GEMV of section 3 there. A product of M rows does about M FLOP per byte of bf16 weight, so once M
-# passes the ridge point of notebook 00 (a few hundred on a GPU of this class) it is compute-bound,
-# and a format that doubles the tensor cores' rate can approach 2x. Writing the int32 result out and rescaling it
-# in separate passes, as the first W8A8 version does, costs more than the int8 arithmetic saves; the
-# fused version keeps the product on chip. The price is accuracy, in the last column: the
-# activations' rounding adds to the weights'. Real activations have outlier channels that per-token
-# scales handle worse than these Gaussian inputs (`tests/test_actquant.py` shows the effect), which
-# is what SmoothQuant and FP8 training recipes address.
+# limited by the weight bytes, which are the same as weight-only INT8's, and none of them beats the
+# lab's INT8 layer of section 3 there (28.6 us at one row, 30.8 us at 16): FP8 takes 44.5 and 39.1 us
+# (0.99x and 0.86x bf16), the fused W8A8 49.8 and 50.3 us (1.11x). A product of M rows does about M
+# FLOP per byte of bf16 weight, so once M passes the ridge point of notebook 00 (167 FLOP per byte on
+# this GPU, the corner of section 4's roofline chart) it is compute-bound, and a format that doubles
+# the tensor cores' rate could approach 2x. Measured, FP8 takes 0.61x bf16's time at 1024 rows and
+# 0.62x at 4096 (about 1.6x faster), the fused W8A8 0.91x and 0.80x; at 256 rows, near the ridge,
+# the fused W8A8 is still 1.60x slower than bf16. The first W8A8 version, which quantizes x in
+# PyTorch ops and writes the int32 result out to rescale it in separate passes, is 2.6-3.0x slower
+# than bf16 from 256 rows on; the fused version keeps the product on chip. The price is accuracy, in
+# the "rel err" column: 1.23% for W8A8 and 3.74% for FP8 against bf16's 0.17%, the activations'
+# rounding adding to the weights'. Real activations have outlier channels that per-token scales
+# handle worse than these Gaussian inputs (`tests/test_actquant.py` shows the effect), which is what
+# SmoothQuant and FP8 training recipes address.
 
 # %% [markdown]
 # ## 7. Results

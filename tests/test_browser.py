@@ -389,12 +389,10 @@ def _move_slider(page, stem: str) -> str:
     return f"{label} {before:g} -> {after:g}"
 
 
-# Committed outputs drawn before labutils.roofline.chart stopped putting an annotation on a log
-# axis (plotly reads its x as log10: the axis ran to 1e296). Their course editions in
-# notebooks/drafts/ draw it right; until their GPU run replaces these outputs the check must keep
-# failing on them (an entry whose charts pass is reported, so a stale one cannot linger).
-STALE_CHARTS = {"00_roofline": "roofline chart's x axis to 1e296",
-                "04_quantization": "formats-on-the-roofline chart's x axis to 1e201"}
+# Committed outputs known to draw a broken chart (e.g. an annotation on a log axis, whose x plotly
+# reads as log10) until their notebook's next GPU run: the check must keep failing on them (an entry
+# whose charts pass is reported, so a stale one cannot linger). None at present.
+STALE_CHARTS: dict[str, str] = {}  # stem -> what is broken in its committed charts, until its GPU re-run
 
 
 @pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

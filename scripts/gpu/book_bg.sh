@@ -4,7 +4,9 @@
 # later calls poll it. After the staging calls (model in /tmp/lab, wheels in /tmp/site; see the
 # README's GPU section):
 #   bash scripts/gpu/book_bg.sh start [--only 00,05]   copy the tree to /tmp/repo, drafts moved up, start
-#   bash scripts/gpu/book_bg.sh poll [SECONDS]         wait up to SECONDS (default 240), print progress
+#   bash scripts/gpu/book_bg.sh poll [SECONDS]         wait up to SECONDS (default 240), print progress,
+#                                                      and collect what is there so far (a lost machine
+#                                                      then loses only the notebook that was running)
 #   bash scripts/gpu/book_bg.sh collect                copy notebooks, results and the log to $OUT
 set -uo pipefail
 export PYTHONPATH=/tmp/site:/tmp/repo LABUTILS_GGUF=/tmp/lab/SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -27,10 +29,12 @@ case "${1:-}" in
     sleep 5; cat /tmp/book.log ;;
   poll)
     for _ in $(seq 1 $(( ${2:-240} / 5 ))); do [ -f /tmp/book.done ] && break; sleep 5; done
-    grep -v "Warning\|warn(\|WARNING" /tmp/book.log | tail -25; cat /tmp/book.done 2>/dev/null; true ;;
-  collect)
-    cd /tmp/repo && mkdir -p "$OUT/notebooks" "$OUT/results" "$OUT/failed"
-    cp notebooks/[0-9][0-9]_*.ipynb "$OUT/notebooks/"; cp results/*.json "$OUT/results/" 2>/dev/null
-    cp build/notebooks/*.ipynb "$OUT/failed/" 2>/dev/null; cp /tmp/book.log "$OUT/"; ls -R "$OUT" | head -40 ;;
+    grep -v "Warning\|warn(\|WARNING" /tmp/book.log | tail -25; cat /tmp/book.done 2>/dev/null
+    bash "$0" collect > /dev/null; true ;;
+  collect)  # one archive: the device tool returns a limited number of files
+    cd /tmp/repo && mkdir -p /tmp/collect/notebooks /tmp/collect/results /tmp/collect/failed
+    cp notebooks/[0-9][0-9]_*.ipynb /tmp/collect/notebooks/; cp results/*.json /tmp/collect/results/ 2>/dev/null
+    cp build/notebooks/*.ipynb /tmp/collect/failed/ 2>/dev/null; cp /tmp/book.log /tmp/collect/
+    tar -C /tmp/collect -czf "$OUT/book.tgz" . && tar -tzf "$OUT/book.tgz" | head -40 ;;
   *) echo "usage: $0 start|poll|collect"; exit 2 ;;
 esac
