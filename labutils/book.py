@@ -47,11 +47,16 @@ HEADLINES = {
     "04_quantization": [("layer_us", "3584->18944 layer at batch 1 (us)", None),
                         ("engine_tok_s", "engine batch 1 (tok/s, shape twin)", None),
                         ("ppl", "perplexity on real weights (results: ppl_model)", None)],
-    "05_speculative": [("speedup", "best speedup over the plain engine, embedded model, batch 1", None),
+    "05_speculative": [("speedup", "best speedup over the plain engine, embedded model, batch 1 (with prefill)", None),
+                       ("decode_speedup", "the same, decode only (after the prompt's forward)", None),
                        ("hf_prompt_lookup_speedup", "HF prompt lookup over HF plain (best task)", "{:.2f}"),
                        ("verify_cost_ratio", "verify T tokens / 1 token (shape twin)", None),
                        ("predicted_speedup_7b", "predicted speedup at 7B (shape twin costs)", None),
                        ("greedy_identical", "greedy text identical to plain decoding", None)],
+    "06_serving": [("throughput_tok_s", "output tok/s on one trace (shape twin)", None),
+                   ("kv_utilization", "paged KV utilization (positions / allocated slots)", "{:.1%}"),
+                   ("prefix_cache_ttft_speedup", "TTFT cold / warm, shared 1k-token prefix", "{:.2f}"),
+                   ("outputs_match_alone", "every output equals the request alone", None)],
 }
 
 

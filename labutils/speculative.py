@@ -513,10 +513,17 @@ class SpeculativeDecoder:
         return self._round_graphs[self.k]
 
     @torch.no_grad()
-    def generate_on_device(self, idx: torch.Tensor, max_new_tokens: int, eos_id: int | None = None) -> torch.Tensor:
+    def generate_on_device(self, idx: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+                           phases: dict | None = None) -> torch.Tensor:
         """``generate`` with the rounds kept on the device: the same tokens in greedy mode, the same
         distribution when sampling. The first round runs from Python (the drafter reads the prompt);
-        then rounds run in batches between host syncs, as many as cannot overshoot the end."""
+        then rounds run in batches between host syncs, as many as cannot overshoot the end.
+
+        ``phases``: a dict to fill with the seconds of each phase, the device synchronized at their
+        borders: ``prefill`` (the prompt's forward and the first token), ``host_round`` (the first
+        round, from Python), ``rounds`` (the on-device rounds and their host syncs), ``syncs`` (their
+        number)."""
+        mark = _PhaseClock(phases, idx.is_cuda)
         if not hasattr(self.drafter, "propose_device"):
             raise TypeError(f"drafter {self.drafter.name!r} has no propose_device: use generate()")
         max_len = self._check(idx, max_new_tokens)
@@ -526,8 +533,10 @@ class SpeculativeDecoder:
         self._alloc(max_len)
         with self.target.kv_caches_attached(self.caches):
             state = self._start(idx, max_len)
+            mark("prefill")
             if max_new_tokens > 1:
                 state.tokens.extend(self._host_round(state, k))
+            mark("host_round")
             L = len(state.tokens)
             self._toks[:L] = torch.tensor(state.tokens, device=self._toks.device)
             self._L.fill_(L)
@@ -540,6 +549,8 @@ class SpeculativeDecoder:
                 for _ in range(rounds):
                     step()
                 L = int(self._L)  # a host sync per batch of rounds
+                mark.count("syncs")
+            mark("rounds")
             tokens = self._toks[: min(L, T + max_new_tokens)].tolist()
         r, acc, full = self._counts.tolist()
         s = self.stats
@@ -552,7 +563,7 @@ class SpeculativeDecoder:
     @torch.no_grad()
     def decode_tok_s(self, idx: torch.Tensor, n: int = 128, repeats: int = 3, on_device: bool = True) -> float:
         """Tokens/s of ``generate_on_device(idx, n)`` (or ``generate``) after one warm-up call,
-        prefill included as in ``plain_tok_s``; best of ``repeats``."""
+        prefill included as in ``plain_tok_s``; best of ``repeats`` (``spec_speed``: also without prefill)."""
         fn = self.generate_on_device if on_device else self.generate
         return _best_tok_s(lambda: fn(idx, n), n, repeats, idx.is_cuda)
 
@@ -597,3 +608,65 @@ def _best_tok_s(fn, n, repeats, cuda):
 def plain_tok_s(engine, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> float:
     """Tokens/s of a plain ``DecodeEngine.generate(idx, n)`` (prefill included, as for speculation)."""
     return _best_tok_s(lambda: engine.generate(idx, n), n, repeats, idx.is_cuda)
+
+
+@torch.no_grad()
+def spec_speed(spec, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> dict:
+    """Speed of ``spec.generate_on_device(idx, n)`` from the same timed calls (one warm-up, best of
+    ``repeats``): ``tok_s`` over the whole call (prefill included) and ``decode_tok_s`` over the n - 1
+    tokens after the prompt's forward and first token, as ``DecodeEngine.decode_tok_s`` counts."""
+    best_total = best_decode = float("inf")
+    for r in range(repeats + 1):
+        ph = {}
+        spec.generate_on_device(idx, n, phases=ph)
+        if r:
+            best_total = min(best_total, ph["prefill"] + ph["host_round"] + ph["rounds"])
+            best_decode = min(best_decode, ph["host_round"] + ph["rounds"])
+    return {"tok_s": n / best_total, "decode_tok_s": (n - 1) / best_decode}
+
+
+@torch.no_grad()
+def plain_speed(engine, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> dict:
+    """The same two speeds for a plain ``DecodeEngine``: ``prefill(idx)`` then ``decode(n - 1)``, timed
+    apart (as ``generate(idx, n)`` runs them)."""
+    if n < 2:
+        raise ValueError(f"need n >= 2 (the first token comes from the prefill), got {n}")
+    best_total = best_decode = float("inf")
+    for r in range(repeats + 1):
+        ph = {}
+        mark = _PhaseClock(ph, idx.is_cuda)
+        engine.prefill(idx)
+        mark("prefill")
+        engine.decode(n - 1)
+        mark("decode")
+        if r:
+            best_total = min(best_total, ph["prefill"] + ph["decode"])
+            best_decode = min(best_decode, ph["decode"])
+    return {"tok_s": n / best_total, "decode_tok_s": (n - 1) / best_decode}
+
+
+class _PhaseClock:
+    """``mark(name)``: seconds since the previous mark into ``phases[name]`` (the device synchronized
+    first); ``count(name)`` adds 1. Does nothing when ``phases`` is None."""
+
+    def __init__(self, phases: dict | None, cuda: bool):
+        self.phases, self.cuda = phases, cuda
+        if phases is not None:
+            self._sync()
+            self.t = time.perf_counter()
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, name: str):
+        if self.phases is None:
+            return
+        self._sync()
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.t
+        self.t = now
+
+    def count(self, name: str):
+        if self.phases is not None:
+            self.phases[name] = self.phases.get(name, 0) + 1
