@@ -43,6 +43,19 @@ def assert_rel_close(out, ref, tol: float, what: str = ""):
     assert err <= tol, f"{what}: max|diff|/max|ref| = {err:.3e} > {tol:.0e}"
 
 
+def norm_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float64."""
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} vs {tuple(ref.shape)}"
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def prompts_of(lengths, vocab: int, seed: int) -> list:
+    """Seeded random prompts, one list of token ids per length."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lengths]
+
+
 # ---- the embedded model -------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def embedded():

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_rel_close, tiny_hf_model
+from conftest import assert_rel_close, norm_rel_err, tiny_hf_model
 from labutils import attention
 from labutils import flash_attention as fa
 from labutils.attention import naive_attention
@@ -21,13 +21,6 @@ from labutils.kv_cache import static_caches
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 DT_IDS = {torch.float32: "fp32", torch.float16: "fp16"}
-
-
-def norm_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, in float64."""
-    assert out.shape == ref.shape, f"shape {tuple(out.shape)} vs {tuple(ref.shape)}"
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def qkv(B, H, KV, T, S, d, dtype=torch.float32, seed=0):

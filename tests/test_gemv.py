@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 import labutils.gemv as gemv
-from conftest import assert_rel_close, rel_err, tiny_hf_model
+import labutils.kernels.gemv as gemv_kernels  # the custom ops look their launchers up here
+from conftest import assert_rel_close, norm_rel_err, rel_err, tiny_hf_model
 from labutils.decoder import Decoder
 from labutils.gemv import GemvLinear, ReduceLinear, SmallMLinear, gemv_triton, small_m_triton
 from labutils.kv_cache import static_caches
@@ -18,15 +19,10 @@ GEMV_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 LINEAR_TOL = 1e-5
 
 
-def norm_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """||y - ref|| / ||ref||, in float64."""
-    y, ref = y.double(), ref.double()
-    return ((y - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
 @pytest.fixture
 def gemv_calls(monkeypatch):
-    """Counts calls of the Triton GEMV made through labutils.gemv (linear_gemv looks it up at call time)."""
+    """Counts calls of the Triton GEMV made by linear_gemv (it looks the launcher up in labutils.kernels.gemv
+    at call time)."""
     calls = []
     inner = gemv.gemv_triton
 
@@ -34,7 +30,7 @@ def gemv_calls(monkeypatch):
         calls.append((tuple(w.shape), b is not None))
         return inner(x, w, b)
 
-    monkeypatch.setattr(gemv, "gemv_triton", counting)
+    monkeypatch.setattr(gemv_kernels, "gemv_triton", counting)
     return calls
 
 
@@ -165,8 +161,8 @@ def small_m_calls(monkeypatch):
         calls.append("mma")
         return mma_inner(x, w, b, split_k)
 
-    monkeypatch.setattr(gemv, "gemv_triton", counting_gemv)
-    monkeypatch.setattr(gemv, "small_m_triton", counting_mma)
+    monkeypatch.setattr(gemv_kernels, "gemv_triton", counting_gemv)
+    monkeypatch.setattr(gemv_kernels, "small_m_triton", counting_mma)
     return calls
 
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_rel_close, tiny_hf_model
+from conftest import assert_rel_close, prompts_of, tiny_hf_model
 from labutils.attention import naive_attention
 from labutils.decoder import Decoder
 from labutils.kv_cache import static_caches
@@ -358,16 +358,11 @@ def tiny():
     return Decoder.from_hf(tiny_hf_model("llama-gqa-tied", seed=1))
 
 
-def prompts_of(lengths, vocab, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (L,), generator=g) for L in lengths]
-
-
 @pytest.mark.parametrize("decode", ["triton", "torch"])
 def test_paged_greedy_equals_alone_tiny(tiny, decode):
     """Three prompts (5, 21, 37 tokens: within one page, across two, across three) prefilled in one
     ragged step, then decoded together, block size 16."""
-    arrivals = [(0, p) for p in prompts_of((5, 21, 37), tiny.cfg.vocab_size, seed=0)]
+    arrivals = [(0, torch.tensor(p)) for p in prompts_of((5, 21, 37), tiny.cfg.vocab_size, seed=0)]
     pool = BlockPool.for_model(tiny, 16, 16)
     tokens, logits, _ = paged_greedy(tiny, arrivals, 10, pool, decode)
     check_against_alone(tiny, arrivals, 10, tokens, logits, f"paged ({decode} decode)")
@@ -381,7 +376,7 @@ def test_paged_mixed_steps_and_prefix_hits_tiny(tiny, prefill):
     an earlier prompt (its cached pages are reused, only the rest is computed), block size 8; and an
     ordering with the decode sequence after the prefill one."""
     vocab = tiny.cfg.vocab_size
-    a, b, tail = prompts_of((19, 9, 6), vocab, seed=3)
+    a, b, tail = map(torch.tensor, prompts_of((19, 9, 6), vocab, seed=3))
     shared = torch.cat([a[:16], tail])  # 16 tokens = two full pages of a, then its own
     arrivals = [(4, shared), (0, a), (2, b)]  # at step 4 the prefill comes first in the batch, then decodes
     pool = BlockPool.for_model(tiny, 24, 8)

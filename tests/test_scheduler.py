@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from conftest import tiny_hf_model
+from conftest import prompts_of, tiny_hf_model
 from labutils.decoder import Decoder
 from labutils.scheduler import ContinuousEngine
 from labutils.serving import Engine, Request, SequentialEngine, run_to_completion
@@ -21,11 +21,6 @@ from labutils.serving import Engine, Request, SequentialEngine, run_to_completio
 @pytest.fixture(scope="module")
 def tiny():
     return Decoder.from_hf(tiny_hf_model("llama-gqa-tied", seed=1))
-
-
-def prompts_of(lengths, vocab, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lengths]
 
 
 def alone(model, requests, ctx=128):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_hf_model
+from conftest import prompts_of, tiny_hf_model
 from labutils.decoder import Decoder
 from labutils.scheduler import ContinuousEngine
 from labutils.serving import Engine, Request, SequentialEngine, StaticBatchEngine, run_to_completion
@@ -24,11 +24,6 @@ def hf():
 @pytest.fixture(scope="module")
 def tiny(hf):
     return Decoder.from_hf(hf)
-
-
-def prompts_of(lengths, vocab, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lengths]
 
 
 def alone(model, requests, ctx=64):

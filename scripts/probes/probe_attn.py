@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 import labutils.flash_attention as fa
+import labutils.kernels.decode_attention as fdec  # flash_decode looks _decode_split_tuned up here
 
 OUT = os.environ.get("OUT", "/tmp")
 res = {"fwd": [], "dec": [], "err": []}
@@ -88,10 +89,10 @@ vd = torch.randn_like(kd)
 full = torch.full((Bd, 1), S - 1, device="cuda")
 nbytes = kd.nbytes + vd.nbytes
 auto = fa.default_num_splits(Bd, KV, S, qd.device)
-orig = fa._decode_split_tuned
+orig = fdec._decode_split_tuned
 for bn, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3), (64, 4, 4), (32, 4, 4)]:
-    fa._decode_split_tuned = triton.autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)],
-                                             key=["S_BUCKET", "NUM_SPLITS", "HEAD_DIM", "BLOCK_G"])(fa._decode_split)
+    fdec._decode_split_tuned = triton.autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)],
+                                               key=["S_BUCKET", "NUM_SPLITS", "HEAD_DIM", "BLOCK_G"])(fdec._decode_split)
     for ns in (auto, 2 * auto, 4 * auto, 8 * auto):
         try:
             ms = bench(lambda: fa.flash_decode(qd, kd, vd, full, num_splits=ns))
@@ -99,7 +100,7 @@ for bn, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 8, 4), 
         except Exception as ex:
             r = {"BLOCK_N": bn, "warps": w, "stages": s, "splits": ns, "error": str(ex)[:200]}
         res["dec"].append(r); log(json.dumps(r))
-fa._decode_split_tuned = orig
+fdec._decode_split_tuned = orig
 x = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda"); y = torch.empty_like(x)
 ms = bench(lambda: y.copy_(x)); res["copy_gbps"] = 2 * x.nbytes / ms / 1e6
 log("copy", res["copy_gbps"])
