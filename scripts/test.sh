@@ -30,7 +30,7 @@ phase setup bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export LAB_SMOKE=1 PYTHONUNBUFFERED=1
-phase pytest python -m pytest tests -q -p no:cacheprovider -m "not browser" "$@"
+phase pytest python -m pytest tests -q -p no:cacheprovider -m "not browser" --durations=15 "$@"
 phase nbval python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -q -p no:cacheprovider notebooks/*.ipynb
 phase chromium install_chromium
 phase browser python -m pytest tests/test_browser.py -q -s -p no:cacheprovider -rs

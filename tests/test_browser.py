@@ -105,7 +105,7 @@ def lab(tmp_path_factory):
     (ARTIFACTS / "timings.txt").unlink(missing_ok=True)
     port = _free_port()
     env = {**os.environ, "LAB_SMOKE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1", "LAB_RESULTS_DIR": str(root / "results"),
+           "PYTHONUNBUFFERED": "1", "LAB_RESULTS_DIR": str(ARTIFACTS / "results"),  # inside the repo (build/), as a notebook may print its path relative to it
            "JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_RUNTIME_DIR": str(root / "runtime")}
     log = open(root / "server.log", "w")
     server = subprocess.Popen(
