@@ -287,11 +287,13 @@ def _check_charts(page, stem: str, tag: str, cell_indices: list[int] | None) -> 
     k = 0
     for where, scope in scopes:
         plots = scope.locator(".jp-OutputArea-output.js-plotly-plot")
-        images = scope.locator(".jp-OutputArea-output.jp-RenderedImage img")
+        # an image output, or the plotly renderer showing the output's static image (img.plot-img: what a
+        # saved notebook with an image/png beside its figure shows until the interactive plot is drawn)
+        image_css = ".jp-OutputArea-output.jp-RenderedImage img, .jp-OutputArea-output.jp-RenderedPlotly img.plot-img"
+        images = scope.locator(image_css)
         if cell_indices is not None:
             try:  # the renderers draw asynchronously
-                scope.locator(".jp-OutputArea-output.js-plotly-plot, .jp-OutputArea-output.jp-RenderedImage img") \
-                    .first.wait_for(timeout=30_000)
+                scope.locator(f".jp-OutputArea-output.js-plotly-plot, {image_css}").first.wait_for(timeout=30_000)
             except Exception:  # noqa: BLE001
                 problems.append(f"{where}: a committed plotly output renders as neither a plot nor an image")
                 continue
