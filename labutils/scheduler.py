@@ -65,7 +65,7 @@ import torch
 from .generate import check_count
 from .paged_attention import PagedBatch, make_batch, paged_caches
 from .paged_cache import BlockPool, BlockTable
-from .serving import Output, Request, _Running, check_fits, pick_token
+from .serving import Output, Request, _Running, check_fits, engine_max_seq_len, pick_token
 
 
 GRAPH_MODES = ("auto", "graph", "bucketed", "off")
@@ -123,11 +123,7 @@ class ContinuousEngine:
                  max_seq_len: int | None = None, decode: str = "triton", prefill: str = "torch",
                  graphs: str = "auto", kv_sample_every: int = 4):
         self.model = model
-        ctx = model.cfg.max_seq_len
-        self.max_seq_len = check_count(max_seq_len if max_seq_len is not None else min(ctx, 2048),
-                                       "max_seq_len", minimum=2)
-        if self.max_seq_len > ctx:
-            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's context of {ctx}")
+        self.max_seq_len = engine_max_seq_len(model, max_seq_len)
         self.max_batch = check_count(max_batch, "max_batch", minimum=1)
         self.max_num_batched_tokens = check_count(max_num_batched_tokens, "max_num_batched_tokens", minimum=1)
         self.prefix_caching, self.chunked_prefill = bool(prefix_caching), bool(chunked_prefill)

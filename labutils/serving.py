@@ -109,6 +109,16 @@ class Engine(Protocol):
     def abort(self, request_id: str) -> None: ...
 
 
+def engine_max_seq_len(model, max_seq_len: int | None) -> int:
+    """An engine's prompt + output tokens per request: ``max_seq_len``, by default min(the model's
+    context, 2048); at least 2 and at most the model's context."""
+    ctx = model.cfg.max_seq_len
+    n = check_count(max_seq_len if max_seq_len is not None else min(ctx, 2048), "max_seq_len", minimum=2)
+    if n > ctx:
+        raise ValueError(f"max_seq_len={n} exceeds the model's context of {ctx}")
+    return n
+
+
 def check_fits(request: Request, max_seq_len: int) -> None:
     """ValueError unless prompt + max_tokens fits in ``max_seq_len`` positions (one message for all engines)."""
     T = len(request.prompt)
@@ -164,11 +174,7 @@ class SequentialEngine:
         from .kv_cache import static_caches
 
         self.model = model
-        ctx = model.cfg.max_seq_len
-        self.max_seq_len = check_count(max_seq_len if max_seq_len is not None else min(ctx, 2048),
-                                       "max_seq_len", minimum=2)
-        if self.max_seq_len > ctx:
-            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's context of {ctx}")
+        self.max_seq_len = engine_max_seq_len(model, max_seq_len)
         self.caches = static_caches(model, 1, self.max_seq_len)
         self.waiting: collections.OrderedDict[str, _Running] = collections.OrderedDict()
         self.current: _Running | None = None
@@ -253,11 +259,7 @@ class StaticBatchEngine:
         from .kv_cache import static_caches
 
         self.model = model
-        ctx = model.cfg.max_seq_len
-        self.max_seq_len = check_count(max_seq_len if max_seq_len is not None else min(ctx, 2048),
-                                       "max_seq_len", minimum=2)
-        if self.max_seq_len > ctx:
-            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's context of {ctx}")
+        self.max_seq_len = engine_max_seq_len(model, max_seq_len)
         self.max_batch = check_count(max_batch, "max_batch", minimum=1)
         self.prefill_rows = check_count(prefill_rows, "prefill_rows", minimum=1)
         if graph not in ("auto", "on", "off"):
