@@ -50,9 +50,10 @@ import torch.nn.functional as F
 
 from . import runtime
 from .attention import sdpa_attention
+from .cuda_graphs import Graphed
 from .decoder import Block, rope_cos_sin
 from .kv_cache import StaticKVCache, static_caches
-from .speculative import _Graphed, draw, sample, sampling_probs
+from .speculative import draw, sample, sampling_probs
 
 _FORMAT = 1  # bump when the head's architecture or training changes: old cache files stop matching
 
@@ -523,7 +524,7 @@ class HeadDrafter:
             x_in = torch.tensor([tokens[s + 1: L]], device=dev)
             pos = torch.arange(s, L - 1, device=dev)
             if args not in self._graphs:
-                self._graphs[args] = _Graphed(lambda f, x, p: self._draft_loop(f, x, p, *args, None),
+                self._graphs[args] = Graphed(lambda f, x, p: self._draft_loop(f, x, p, *args, None),
                                               f_in.clone(), x_in.clone(), pos.clone())
             draft, q, fhat = (None if t is None else t.clone() for t in self._graphs[args](f_in, x_in, pos))
         else:

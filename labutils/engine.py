@@ -19,6 +19,11 @@ overhead in stages:
 Inside the captured step the sampled token is written back into the input buffer and the position
 advanced, so the loop is ``replay(); record token`` per step.
 
+The prompt's forward (prefill) launches as many kernels per layer as a step, and for a small model
+launching them takes longer than running them. ``prefill_bucket=N`` pads the prompt to a multiple of
+N tokens (harmless in a static cache: labutils.cuda_graphs) and, in the graph and compile modes,
+replays it from one CUDA graph per padded length.
+
 The engine's caches are attached to the model only while prefill / decode run
 (``Decoder.kv_caches_attached``), so a plain forward, a perplexity run or another engine on the same
 model never sees them. (A captured CUDA graph baked the caches in when it was recorded, with them
@@ -31,6 +36,7 @@ import time
 
 import torch
 
+from .cuda_graphs import BucketedPrefill
 from .generate import check_count, check_token_ids
 from .kv_cache import static_caches
 
@@ -69,7 +75,7 @@ class DecodeEngine:
     capture_error_mode = "global"
 
     def __init__(self, model, batch: int = 1, max_seq_len: int = 1024, mode: str = "eager",
-                 regional: bool = False):
+                 regional: bool = False, prefill_bucket: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if regional and mode != "compile":
@@ -95,6 +101,9 @@ class DecodeEngine:
             else:
                 step = torch.compile(self._step, fullgraph=True, dynamic=False)
         self.step_fn = step
+        self._prefill = None if prefill_bucket is None else BucketedPrefill(
+            model, max_seq_len, check_count(prefill_bucket, "prefill_bucket", minimum=1), graph=mode != "eager",
+            capture_error_mode=self.capture_error_mode)
 
     def _step(self, tok, pos):
         """One decode step: logits for the new token, argmax, feed it back, advance the position."""
@@ -148,7 +157,11 @@ class DecodeEngine:
         # compiled layers (regional): the prompt runs eagerly, not one compile per prompt length
         with self._attached(), \
                 torch.compiler.set_stance("force_eager") if self.regional else contextlib.nullcontext():
-            logits = self.model(idx, torch.arange(T, device=idx.device), last_only=True)
+            if self._prefill is not None:  # padded, and replayed from a CUDA graph on the GPU
+                self._prefill.capture_error_mode = self.capture_error_mode
+                logits = self._prefill(idx)
+            else:
+                logits = self.model(idx, torch.arange(T, device=idx.device), last_only=True)
         self.tok.copy_(logits[:, -1].argmax(dim=-1, keepdim=True))
         self.pos.fill_(T)
         self._ready = True

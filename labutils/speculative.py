@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .cuda_graphs import BucketedPrefill, Graphed
 from .kv_cache import static_caches
 
 
@@ -134,7 +135,7 @@ class SpecStats:
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens accepted
     examined: int = 0  # draft tokens the rule looked at (those after the first rejection are not)
-    emitted: int = 0  # tokens emitted (accepted + one per round)
+    emitted: int = 0  # tokens the rounds emitted (accepted + one per round; on-device rounds may overshoot the end)
     accepted_per_round: list[int] = field(default_factory=list)
 
     @property
@@ -154,6 +155,7 @@ class NGramDrafter:
     that followed it. No model: free to run, good where the output copies its input."""
 
     needs_hidden = False
+    starts_on_device = True  # propose_device reads only the committed tokens: no first round from Python
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, compile: bool = False):
         if not 1 <= min_ngram <= max_ngram:
@@ -211,29 +213,6 @@ def ngram_lookup_device(toks: torch.Tensor, L: torch.Tensor, k: int, max_ngram: 
     follow = start + torch.arange(k, device=toks.device)
     follow = torch.where((start >= 0) & (follow < L), follow, L - 1)
     return toks.index_select(0, follow)
-
-
-class _Graphed:
-    """``fn(*buffers)`` captured once in a CUDA graph and replayed on new contents of its static
-    input buffers (outputs are static tensors too: read or clone them before the next replay)."""
-
-    def __init__(self, fn, *buffers):
-        self.fn, self.buffers = fn, buffers
-        fn(*buffers)  # compiles and autotunes on the default stream
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph, on a side stream as capture wants
-            fn(*buffers)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn(*buffers)
-
-    def __call__(self, *values):
-        for buf, v in zip(self.buffers, values):
-            buf.copy_(v)
-        self.graph.replay()
-        return self.out
 
 
 class ModelDrafter:
@@ -296,7 +275,7 @@ class ModelDrafter:
             if key not in self._graphs:
                 idx_buf = torch.zeros(1, 2, dtype=torch.long, device=dev)
                 pos_buf = torch.tensor([L - 2, L - 1], device=dev)
-                self._graphs[key] = _Graphed(
+                self._graphs[key] = Graphed(
                     lambda i, p: self._draft_loop(i, p, k, state.temperature, state.top_p, None), idx_buf, pos_buf)
             draft, q = self._graphs[key](torch.tensor([tokens[L - 2:]], device=dev),
                                          torch.tensor([L - 2, L - 1], device=dev))
@@ -310,6 +289,17 @@ class ModelDrafter:
 
 
 # ---- the speculative decoder ---------------------------------------------------------------------
+def rounds_until_end(left: int, k: int, ran: int, emitted: int, room: int) -> int:
+    """How many on-device rounds to run before the next host sync, ``left`` tokens still to emit.
+    The first batch runs only as many as cannot overshoot (each round emits at most k + 1); later
+    ones as many as the tokens per round so far say the rest needs, so a whole answer takes a few
+    syncs rather than one per round or two (each sync idles the GPU while Python launches the next
+    batch). The last batch may overshoot by a round or so: those tokens are computed and dropped.
+    ``room``: the rounds the buffers can hold (each writes up to k + 1 positions); at least 1."""
+    rounds = left // (k + 1) if ran == 0 or emitted == 0 else -(-left * ran // emitted)
+    return max(1, min(rounds, room))
+
+
 def commit_round(logits, h, draft, q, pos, toks, L, counts, hidden, temperature, top_p, accept, log=None):
     """The end of an on-device round: accept (greedy: the drafts equal to the target's argmax, no
     random numbers: the same rule for one-hot p and q), then write positions L .. L+n-1 with the
@@ -359,7 +349,7 @@ class SpeculativeDecoder:
 
     def __init__(self, target, drafter, k: int = 4, temperature: float = 0.0, top_p: float = 1.0,
                  graph: bool = False, accept=accept_drafts, generator: torch.Generator | None = None,
-                 compile_glue: bool = False):
+                 compile_glue: bool = False, prefill_bucket: int | None = None):
         if k < 1:
             raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}")
         if graph and target.device.type != "cuda":
@@ -373,6 +363,11 @@ class SpeculativeDecoder:
         # compile_glue: the accept-and-commit step of on-device rounds as one compiled function
         # (a few fused kernels instead of ~30 small ones per round: they count on a 1 ms step)
         self._commit_fn = _compiled(commit_round) if compile_glue else commit_round
+        if prefill_bucket is not None and (not isinstance(prefill_bucket, int) or prefill_bucket < 1):
+            raise ValueError(f"prefill_bucket must be a positive number of tokens or None, got {prefill_bucket!r}")
+        # prefill_bucket: the prompt padded to a multiple of it and, with graph=True, its forward
+        # replayed from a CUDA graph per padded length (labutils.cuda_graphs; DecodeEngine's option too)
+        self.prefill_bucket, self._prefill = prefill_bucket, None
 
     # ---- pieces shared by both loops -----------------------------------------------------------
     def _check(self, idx, max_new_tokens):
@@ -396,6 +391,8 @@ class SpeculativeDecoder:
             dev = self.target.device
             self.caches = static_caches(self.target, 1, max_len)
             self._graphs, self._round_graphs = {}, {}  # verification graphs by T, whole rounds by k
+            if self.prefill_bucket is not None:  # recorded graphs write to these caches
+                self._prefill = BucketedPrefill(self.target, max_len, self.prefill_bucket, graph=self.graph, full=True)
             self._toks = torch.zeros(max_len, dtype=torch.long, device=dev)  # on-device rounds: the tokens
             self._L = torch.zeros(1, dtype=torch.long, device=dev)  # ... and how many are committed
             self._counts = torch.zeros(3, dtype=torch.long, device=dev)  # rounds, accepted, rounds with all k
@@ -413,7 +410,7 @@ class SpeculativeDecoder:
             return self._forward(idx, pos)
         T = idx.shape[1]
         if T not in self._graphs:
-            self._graphs[T] = _Graphed(self._forward, torch.zeros_like(idx), pos.clone())
+            self._graphs[T] = Graphed(self._forward, torch.zeros_like(idx), pos.clone())
         return self._graphs[T](idx, pos)
 
     def _start(self, idx, max_len) -> SpecState:
@@ -421,7 +418,10 @@ class SpeculativeDecoder:
         T, dev = idx.shape[1], self.target.device
         self.drafter.reset(self.caches[0].max_seq_len, dev)  # the target's (rounded) capacity
         self.stats = SpecStats()
-        logits, h = self._forward(idx, torch.arange(T, device=dev))
+        if self._prefill is not None:
+            logits, h = (x[0] for x in self._prefill(idx))
+        else:
+            logits, h = self._forward(idx, torch.arange(T, device=dev))
         if self.hidden is not None:
             self.hidden[:T] = h
         first = sample(sampling_probs(logits[-1], self.temperature, self.top_p), self.generator)
@@ -517,11 +517,14 @@ class SpeculativeDecoder:
                            phases: dict | None = None) -> torch.Tensor:
         """``generate`` with the rounds kept on the device: the same tokens in greedy mode, the same
         distribution when sampling. The first round runs from Python (the drafter reads the prompt);
-        then rounds run in batches between host syncs, as many as cannot overshoot the end.
+        then rounds run in batches between host syncs (``rounds_until_end``). A drafter
+        whose ``propose_device`` reads only the committed tokens (``starts_on_device``: prompt lookup)
+        starts on the device directly.
 
         ``phases``: a dict to fill with the seconds of each phase, the device synchronized at their
         borders: ``prefill`` (the prompt's forward and the first token), ``host_round`` (the first
-        round, from Python), ``rounds`` (the on-device rounds and their host syncs), ``syncs`` (their
+        round, from Python; none for a drafter that starts on the device), ``rounds`` (the on-device
+        rounds and their host syncs), ``syncs`` (their
         number)."""
         mark = _PhaseClock(phases, idx.is_cuda)
         if not hasattr(self.drafter, "propose_device"):
@@ -534,20 +537,22 @@ class SpeculativeDecoder:
         with self.target.kv_caches_attached(self.caches):
             state = self._start(idx, max_len)
             mark("prefill")
-            if max_new_tokens > 1:
+            if max_new_tokens > 1 and not getattr(self.drafter, "starts_on_device", False):
                 state.tokens.extend(self._host_round(state, k))
             mark("host_round")
             L = len(state.tokens)
             self._toks[:L] = torch.tensor(state.tokens, device=self._toks.device)
             self._L.fill_(L)
             self._counts.zero_()
+            L0, ran, cap = L, 0, self._toks.shape[0]
             while L - T < max_new_tokens:
                 if eos_id is not None and eos_id in self._toks[T:L].tolist():
                     break
-                rounds = max(1, (max_new_tokens - (L - T)) // (k + 1))  # each round adds at most k + 1
+                rounds = rounds_until_end(max_new_tokens - (L - T), k, ran, L - L0, (cap - L) // (k + 1))
                 step = self._device_round_graph().replay if self.graph else self._device_round
                 for _ in range(rounds):
                     step()
+                ran += rounds
                 L = int(self._L)  # a host sync per batch of rounds
                 mark.count("syncs")
             mark("rounds")
@@ -557,7 +562,7 @@ class SpeculativeDecoder:
         s.accepted_per_round.extend(self._log[:r].tolist())
         s.rounds, s.accepted, s.drafted = s.rounds + r, s.accepted + acc, s.drafted + r * k
         s.examined += acc + r - full
-        s.emitted = len(tokens) - T - 1
+        s.emitted = L - T - 1  # what the rounds produced (the last batch's overshoot included): accepted + rounds
         return torch.tensor([self._finish(tokens, T, max_new_tokens, eos_id)], device=idx.device)
 
     @torch.no_grad()

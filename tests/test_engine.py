@@ -299,3 +299,45 @@ def test_compile_layers_reuses_one_graph_per_shape():
 def test_regional_needs_compile_mode(tiny):
     with pytest.raises(ValueError, match="regional"):
         DecodeEngine(tiny, batch=1, max_seq_len=8, mode="eager", regional=True)
+
+
+# ---- the padded (bucketed) prefill: labutils.cuda_graphs.BucketedPrefill ---------------------------------
+@pytest.mark.parametrize("bucket", [1, 8, 16, 64])
+def test_padded_prefill_same_tokens(tiny, bucket):
+    """Padding the prompt to a multiple of ``bucket`` tokens changes nothing: the pad tokens sit after
+    every real one (the causal mask hides them) and decoding writes over them. bucket=64 with a cache
+    of 48 positions exercises the fallback to the unpadded prompt."""
+    g = torch.Generator().manual_seed(bucket)
+    for B, T in ((1, 5), (1, 13), (2, 9)):
+        ids = torch.randint(0, 128, (B, T), generator=g)
+        want = DecodeEngine(tiny, batch=B, max_seq_len=48).generate(ids, 20)
+        engine = DecodeEngine(tiny, batch=B, max_seq_len=48, prefill_bucket=bucket)
+        got = engine.generate(ids, 20)
+        assert_same_tokens(got, want, T, f"prefill_bucket={bucket}, batch {B}, prompt {T}")
+        assert torch.equal(engine.generate(ids, 20), got), "a second call on the used cache differs"
+        tiny.set_kv_caches(None)
+
+
+def test_padded_prefill_logits_match(tiny):
+    """The first token's logits from a padded prompt equal the unpadded forward's last row."""
+    from labutils.cuda_graphs import BucketedPrefill
+
+    ids = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(3))
+    ref_logits, ref_h = tiny(ids, return_hidden=True)
+    for full in (False, True):
+        caches = static_caches(tiny, 1, 32)
+        with tiny.kv_caches_attached(caches):
+            out = BucketedPrefill(tiny, 32, bucket=16, full=full)(ids)
+        if full:
+            assert out[0].shape == ref_logits.shape and out[1].shape == ref_h.shape
+            assert_rel_close(out[0], ref_logits, 1e-5, "padded prefill, every position's logits")
+            assert_rel_close(out[1], ref_h, 1e-5, "padded prefill, hidden states")
+        else:
+            assert out.shape == (1, 1, ref_logits.shape[-1])
+            assert_rel_close(out, ref_logits[:, -1:], 1e-5, "padded prefill, last position's logits")
+
+
+def test_prefill_bucket_bad_input(tiny):
+    for bad in (0, -4, 2.5, "64"):
+        with pytest.raises((ValueError, TypeError)):
+            DecodeEngine(tiny, batch=1, max_seq_len=16, prefill_bucket=bad)

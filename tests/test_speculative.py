@@ -246,7 +246,9 @@ def test_on_device_greedy_identical_tiny(tiny, k):
             spec = SpeculativeDecoder(target, drafter, k=k)
             out = spec.generate_on_device(ids, 29)
             assert_same_tokens(out, ref, ids.shape[1], f"on device: {drafter.name}, k={k}")
-            assert spec.stats.emitted == 28, "29 tokens: the prefill's and 28 from rounds"
+            st = spec.stats
+            assert st.emitted >= 28 and st.emitted == st.accepted + st.rounds, \
+                "29 tokens: the prefill's and at least 28 from rounds, each round its accepted drafts plus one"
             again = spec.generate_on_device(ids, 29)  # buffers reused: the same answer
             assert torch.equal(again, out)
 
@@ -304,3 +306,33 @@ def test_early_exit_drafter_shares_layers_and_stays_lossless(tiny):
         assert_same_tokens(spec.generate(ids, 25), ref, 7, f"early exit, host loop, k={k}")
         assert_same_tokens(spec.generate_on_device(ids, 25), ref, 7, f"early exit, on device, k={k}")
     assert all(layer.self_attn.kv_cache is None for layer in target.layers)
+
+
+@pytest.mark.parametrize("bucket", [4, 16])
+def test_padded_prefill_greedy_identical(tiny, bucket):
+    """prefill_bucket pads the prompt (its forward replayed from a CUDA graph on a GPU): the same
+    tokens, from the host loop and from on-device rounds (prompt lookup then starts on the device)."""
+    target, draft = tiny
+    g = torch.Generator().manual_seed(40 + bucket)
+    for prompt_len in (3, 10):
+        ids = torch.randint(0, 128, (1, prompt_len), generator=g).repeat(1, 2)
+        ref = plain_greedy(target, ids, 25)
+        for drafter in (NGramDrafter(2), ModelDrafter(draft)):
+            spec = SpeculativeDecoder(target, drafter, k=3, prefill_bucket=bucket)
+            for out in (spec.generate(ids, 25), spec.generate_on_device(ids, 25)):
+                assert_same_tokens(out, ref, ids.shape[1], f"prefill_bucket={bucket}, {drafter.name}")
+            assert spec.stats.emitted >= 24 and spec.stats.emitted == spec.stats.accepted + spec.stats.rounds
+    with pytest.raises(ValueError):
+        SpeculativeDecoder(target, NGramDrafter(), k=3, prefill_bucket=0)
+
+
+def test_rounds_until_end():
+    from labutils.speculative import rounds_until_end
+
+    assert rounds_until_end(127, 4, 0, 0, 100) == 25  # first batch: cannot overshoot 127 at 5 a round
+    assert rounds_until_end(127, 16, 0, 0, 100) == 7
+    assert rounds_until_end(3, 16, 0, 0, 100) == 1  # always at least one round
+    assert rounds_until_end(60, 16, 7, 21, 100) == 20  # 3 tokens a round so far: 60 more need 20
+    assert rounds_until_end(61, 16, 7, 21, 100) == 21  # rounded up
+    assert rounds_until_end(60, 16, 7, 21, 5) == 5  # capped by the room in the buffers
+    assert rounds_until_end(60, 16, 7, 0, 100) == 3  # nothing emitted yet (impossible: >= 1 a round): cautious
