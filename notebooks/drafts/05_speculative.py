@@ -357,6 +357,7 @@ my_prompt_lookup_acceptance = None  # your prediction, e.g. 0.5
 N_NEW = pick(128, 16)
 KS = pick([1, 2, 4, 8, 16], [1, 4])
 KS_OF = {"prompt lookup": KS, "draft head": [k for k in KS if k <= 8], "early exit": [k for k in KS if k <= 2]}
+PREFILL_BUCKET = 64  # prompts padded to a multiple of 64 tokens, their forward replayed from a CUDA graph
 if GPU:
     model.fuse_projections().swap_linears(lambda n, l: SmallMLinear(l)).set_attention("flash")
     compile_layers(model, dynamic=True)  # the target's layers compiled once for every T (regional)
@@ -365,7 +366,8 @@ if GPU:
 def run_spec(drafter, k, ids, n=N_NEW, temperature=0.0, top_p=1.0, timed=GPU):
     """Speculative decoding of ids: (speeds or None, stats, output); speeds (``spec_speed``): tokens/s
     with the prefill and without it, best of 3 timed calls."""
-    spec = SpeculativeDecoder(model, drafter, k=k, graph=GPU, compile_glue=GPU, temperature=temperature, top_p=top_p)
+    spec = SpeculativeDecoder(model, drafter, k=k, graph=GPU, compile_glue=GPU, temperature=temperature, top_p=top_p,
+                              prefill_bucket=PREFILL_BUCKET)
     speeds = spec_speed(spec, ids, n, repeats=3) if timed else None
     out = spec.generate_on_device(ids, n)
     return speeds, spec.stats, out
@@ -548,16 +550,23 @@ print(f"T = {small_df['T'].max()} costs {r9['cuBLAS + SDPA']:.2f}x one token wit
 # graph replay over the same layers as speculation, over SmallMLinear with SDPA, over cuBLAS with SDPA
 # (all three with compiled layers), and notebook 02's engine with the whole step compiled. The
 # library baseline in the same run is HF `generate` with and without `prompt_lookup_num_tokens`.
+#
+# Both methods run the prompt's forward the same way. Launched from Python, it costs a model this
+# small far more CPU time than GPU time: a few hundred kernel launches for a forward the GPU finishes
+# in about a millisecond. So the prompt is padded to a multiple of `PREFILL_BUCKET` tokens (the pad
+# tokens come after every real one, so the causal mask hides them, and decoding overwrites them) and
+# its forward is replayed from one CUDA graph per padded length (`prefill_bucket`, in
+# `labutils.cuda_graphs`), in the plain engines and in speculative decoding alike.
 
 # %%
-plain_engines = {"graph, same layers as speculation": DecodeEngine(model, batch=1, max_seq_len=1024,
-                                                                   mode=pick("graph", "eager"))}
+plain_kw = dict(batch=1, max_seq_len=1024, prefill_bucket=PREFILL_BUCKET)  # the prefill as speculation runs it
+plain_engines = {"graph, same layers as speculation": DecodeEngine(model, mode=pick("graph", "eager"), **plain_kw)}
 if GPU:
     smallm_sdpa = compile_layers(Decoder.from_hf(hf).fuse_projections().swap_linears(lambda n, l: SmallMLinear(l)),
                                  dynamic=True)
-    plain_engines["graph, SmallMLinear + SDPA"] = DecodeEngine(smallm_sdpa, batch=1, max_seq_len=1024, mode="graph")
-    plain_engines["graph, cuBLAS + SDPA"] = DecodeEngine(base_model, batch=1, max_seq_len=1024, mode="graph")
-    plain_engines["compile (whole step)"] = DecodeEngine(Decoder.from_hf(hf), batch=1, max_seq_len=1024, mode="compile")
+    plain_engines["graph, SmallMLinear + SDPA"] = DecodeEngine(smallm_sdpa, mode="graph", **plain_kw)
+    plain_engines["graph, cuBLAS + SDPA"] = DecodeEngine(base_model, mode="graph", **plain_kw)
+    plain_engines["compile (whole step)"] = DecodeEngine(Decoder.from_hf(hf), mode="compile", **plain_kw)
 speed_rows = []
 for task, prompts in tasks.items():
     for ename, e in plain_engines.items():
