@@ -11,6 +11,10 @@
 set -uo pipefail
 export PYTHONPATH=/tmp/site:/tmp/repo LABUTILS_GGUF=/tmp/lab/SmolLM2-135M-Instruct.Q4_1.gguf \
        LABUTILS_CACHE=/tmp/labcache PYTHONUNBUFFERED=1
+# Inductor compiles in the kernel's own process, not in its pool of forked workers: in one run of
+# notebook 05 (H200, 2026-12-02) the kernel and its compile worker both sat reading their pipes,
+# GPU idle, for over 11 minutes after the acceptance sweep (scripts/probes/README.md)
+export TORCHINDUCTOR_COMPILE_THREADS=1
 case "${1:-}" in
   start)
     shift

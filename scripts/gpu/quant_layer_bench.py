@@ -203,7 +203,7 @@ def make_impl(L, impl, kw, split):
         return (lambda x: F.linear(x, L.W)), "w", L.W.nbytes, {}
     if impl == "torch int4pack":
         fn, info = L.get("tinygemm", lambda: tinygemm_int4(L.q4, (L.N, L.K)))
-        return fn, "int4", info["bytes"], info
+        return fn, "int4", info["bytes"], {k: v for k, v in info.items() if k != "bytes"}  # bytes: its own column
     if impl == "torch int8pack":
         s = L.q8.scale.to(torch.bfloat16)
         return (lambda x: torch.ops.aten._weight_int8pack_mm(x, L.q8.q, s)), "int8", L.q8.q.nbytes + s.nbytes, {}
