@@ -38,6 +38,10 @@ each K/V byte is read once for the whole group) and one contiguous chunk of the 
 [0, q_pos + 1) keys, and writes a partial output and its log-sum-exp. A second small kernel combines
 the splits exactly: out = sum_s exp(lse_s - max) o_s / sum_s exp(lse_s - max). Chunk bounds are
 computed on the device from q_pos, so a step never syncs with the host and can be CUDA-graph captured.
+``flash_decode_rows`` does the same for a few queries per sequence (a target verifying k drafts in
+notebook 05): the rows of a program are its query heads times the T tokens, each masked at its own
+position; the causal forward kernel would give those few queries one program per head, walking the
+whole cache alone.
 
 The kernels and their launchers live in labutils.kernels.flash_attention (the forward, pointer and
 TMA) and labutils.kernels.decode_attention (FlashDecoding); this module re-exports them and adds the
@@ -48,7 +52,8 @@ from __future__ import annotations
 import torch
 
 from .kernels.decode_attention import (  # noqa: F401  (re-exported: notebooks and tests read them from here)
-    _DEC_CONFIGS, _decode_combine, _decode_split, _decode_split_tuned, default_num_splits, flash_decode)
+    _DEC_CONFIGS, MAX_ROWS, _decode_combine, _decode_rows_split, _decode_split, _decode_split_tuned, decode_rows_fit,
+    default_num_splits, flash_decode, flash_decode_rows)
 from .kernels.flash_attention import (  # noqa: F401
     _FWD_CONFIGS, _TMA_CONFIGS, DTYPES, HEAD_DIMS, LOG2E, _attn_fwd, _attn_fwd_tma, _attn_fwd_tma_tuned,
     _attn_fwd_tuned, _attn_inner, _attn_inner_tma, _bucket, _check, _flash_attention_tma, _launch_opts,
@@ -60,6 +65,8 @@ def _flash_backend_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
                       num_splits: int | None = None) -> torch.Tensor:
     if q.shape[2] == 1:
         return flash_decode(q, k, v, q_pos, num_splits=num_splits)
+    if q.shape[2] <= ROWS_MAX_T and decode_rows_fit(q, k):  # a few queries (drafts to verify): split the keys
+        return flash_decode_rows(q, k, v, q_pos, num_splits=num_splits)
     return flash_attention(q, k, v, causal=True, q_pos=q_pos)
 
 
@@ -68,8 +75,12 @@ def _(q, k, v, q_pos, num_splits=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+ROWS_MAX_T = 32  # up to this many new tokens the backend splits the keys (flash_decode_rows)
+
+
 def flash_backend(q, k, v, q_pos, num_splits: int | None = None):
-    """The attention seam (labutils.attention): flash_decode for one new token, else causal
+    """The attention seam (labutils.attention): flash_decode for one new token, flash_decode_rows for
+    up to ``ROWS_MAX_T`` (the k + 1 tokens a target verifies, notebook 05), else causal
     flash_attention at positions q_pos. A torch custom op, so torch.compile sees one opaque call."""
     return torch.ops.labutils.flash_attention_backend(q, k, v, q_pos, num_splits)
 

@@ -239,3 +239,52 @@ def test_cost_formulas():
     assert naive_attention_bytes(1, 1, 10, 4, 2) == 2 * (3 * 40 + 2 * 100 + 2 * 100 + 40)
     assert naive_attention_bytes(2, 3, 10, 4, 2) == 6 * naive_attention_bytes(1, 1, 10, 4, 2)
     assert flash_attention_bytes(2, 3, 10, 4, 2) == 2 * 3 * 2 * 4 * 10 * 4
+
+
+# ---- a few queries per sequence: flash_decode_rows (speculative verification) -----------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DT_IDS.get)
+@pytest.mark.parametrize("H,KV,T", [(4, 2, 5), (2, 2, 9), (6, 2, 3), (3, 1, 17)], ids=str)
+def test_flash_decode_rows(H, KV, T, dtype):
+    """T queries at consecutive positions (the last committed token and k drafts) ending anywhere in
+    a 48-slot cache whose later slots hold NaN; (T,) and (B, T) positions; 1 to 7 splits, so that some
+    splits hold keys past some rows' positions (rows that see nothing there)."""
+    from labutils.flash_attention import flash_decode_rows
+
+    B, S, d = 2, 48, 16
+    q, k, v = qkv(B, H, KV, T, S, d, dtype, seed=H * T)
+    for ends in ((T - 1, T - 1), (20, 47), (35, 40)):
+        q_pos = torch.stack([torch.arange(e - T + 1, e + 1) for e in ends])  # (B, T)
+        kp, vp = poison(k, v, [e + 1 for e in ends])
+        ref = reference(q, k, v, q_pos)
+        for num_splits in (1, 2, 7):
+            out = flash_decode_rows(q, kp, vp, q_pos, num_splits=num_splits)
+            assert torch.isfinite(out).all(), f"ends {ends}, {num_splits} splits: a slot past a position was read"
+            check(out, ref, dtype, f"flash_decode_rows, ends {ends}, {num_splits} splits")
+    shared = torch.arange(30 - T, 30)  # (T,) positions for the whole batch; a transposed q as the decoder passes it
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    check(flash_decode_rows(qt, k, v, shared, num_splits=3), reference(q, k, v, shared), dtype,
+          "flash_decode_rows, q_pos (T,)")
+
+
+def test_flash_decode_rows_limits():
+    from labutils.flash_attention import MAX_ROWS, flash_decode_rows
+
+    q, k, v = qkv(1, 8, 1, MAX_ROWS // 8 + 1, 40, 16)
+    with pytest.raises(ValueError, match="rows"):
+        flash_decode_rows(q, k, v, torch.arange(40 - q.shape[2], 40))
+    with pytest.raises(ValueError, match="q_pos"):
+        flash_decode_rows(q[:, :, :4], k, v, torch.arange(3))
+
+
+def test_decoder_verify_step_flash(tiny_hf):
+    """The decoder with the flash backend scoring 6 tokens after a cached prefix (the verification
+    forward): the same logits as SDPA."""
+    ids = torch.randint(0, 128, (1, 26), generator=torch.Generator().manual_seed(8))
+    out = {}
+    for backend in ("sdpa", "flash"):
+        model = Decoder.from_hf(tiny_hf).set_attention(backend)
+        caches = static_caches(model, 1, 40)
+        with torch.no_grad(), model.kv_caches_attached(caches):
+            model(ids[:, :20], torch.arange(20))
+            out[backend] = model(ids[:, 20:], torch.arange(20, 26))
+    assert_rel_close(out["flash"], out["sdpa"], 1e-4, "verification logits, 'flash' vs 'sdpa'")

@@ -14,7 +14,9 @@ Map: module -- kernels; launchers and custom ops -- the model code that calls th
   custom op ``labutils::flash_attention_backend``), notebook 03.
 - ``decode_attention`` -- ``_decode_split`` (FlashDecoding: partial outputs of split key ranges),
   ``_decode_combine`` (their exact merge); ``flash_decode``, ``default_num_splits`` --
-  ``flash_backend`` for one new token; ``kernels.paged_attention`` uses the merge and the split count.
+  ``flash_backend`` for one new token; ``kernels.paged_attention`` uses the merge and the split count;
+  ``_decode_rows_split``, ``flash_decode_rows`` -- the same for a few queries per sequence (query
+  heads x tokens as rows, each at its own position): ``flash_backend`` for 2-32 new tokens.
 - ``gemv`` -- ``_gemv_kernel`` (one row), ``_small_m_kernel`` and ``_split_k_sum_kernel`` (2-16 rows on
   the tensor cores, optional split-K); ``gemv_triton``, ``small_m_triton``, custom ops
   ``labutils::linear_gemv`` and ``labutils::linear_small_m`` -- ``labutils.gemv.GemvLinear`` and

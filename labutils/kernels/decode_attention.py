@@ -116,3 +116,98 @@ def flash_decode(q, k, v, q_pos, num_splits: int | None = None, scale: float | N
                               HEAD_DIM=d, SPLITS=triton.next_power_of_2(num_splits))
     return out
 
+
+
+# ---- a few queries per sequence: the verification of speculative drafts ---------------------------------
+@triton.jit
+def _decode_rows_split(Q, K, V, O_PART, LSE_PART, QPOS, qk_scale,
+                       stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                       stride_vb, stride_vh, stride_vn, stride_vd, stride_pb, GROUP, T, S, NUM_SPLITS, S_BUCKET,
+                       HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_decode_split`` for T queries per sequence: the rows of a program are the GROUP query heads
+    of its KV head times the T query tokens (row r: head r // T, token r % T), each row masked at its
+    own position. A row may see no key of a chunk (its position lies before it): its running max
+    stays -inf and the row adds nothing (no -inf - -inf)."""
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_r < GROUP * T
+    t = offs_r % T
+    h = kvh * GROUP + offs_r // T  # (BLOCK_R,)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)  # (BLOCK_R, d)
+    pos = tl.load(QPOS + b * stride_pb + t, mask=row_ok, other=-1).to(tl.int32)  # (BLOCK_R,) -1: no keys
+    k_ptrs = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
+    v_ptrs = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+    # -- this split's chunk of [0, L), L = 1 + the last row's position
+    L = tl.minimum(tl.max(pos, 0) + 1, S)
+    chunk = tl.cdiv(tl.cdiv(L, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, L)
+    m_i = tl.zeros([BLOCK_R], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n  # (BLOCK_N,) key positions
+        k = tl.load(k_ptrs + cols[None, :] * stride_kn, mask=cols[None, :] < end, other=0.0)  # (d, BLOCK_N)
+        qk = tl.dot(q, k, input_precision=DOT_PREC)  # (BLOCK_R, BLOCK_N) fp32
+        visible = (cols[None, :] < end) & (cols[None, :] <= pos[:, None])
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # a row that has seen no key yet
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs + cols[:, None] * stride_vn, mask=cols[:, None] < end, other=0.0)  # (BLOCK_N, d)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_ij
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(nonempty, m_i + tl.math.log2(l_safe), float("-inf"))
+    # row of (B, H, T, splits): the combine kernel then sees H * T "heads"
+    part = ((b.to(tl.int64) * GROUP * tl.num_programs(1) + h) * T + t) * NUM_SPLITS + split
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(LSE_PART + part, lse, mask=row_ok)
+
+
+_decode_rows_split_tuned = triton.autotune(configs=_DEC_CONFIGS,
+                                           key=["S_BUCKET", "NUM_SPLITS", "HEAD_DIM", "BLOCK_R"])(_decode_rows_split)
+
+MAX_ROWS = 128  # query heads per KV head x query tokens that one program holds
+
+
+def decode_rows_fit(q, k) -> bool:
+    """Whether ``flash_decode_rows`` takes these shapes: (query heads per KV head) x T <= MAX_ROWS."""
+    return q.shape[1] // k.shape[1] * q.shape[2] <= MAX_ROWS
+
+
+def flash_decode_rows(q, k, v, q_pos, num_splits: int | None = None, scale: float | None = None):
+    """FlashDecoding for a few queries per sequence, as when a target verifies k drafts: q (B, n_head,
+    T, d) at positions q_pos ((T,) or (B, T)) over a KV cache k/v (B, n_kv_head, S, d); query t of
+    sequence b attends to keys 0 .. q_pos[b, t]. Split along the keys like ``flash_decode``, so a few
+    queries over a long cache use the whole GPU (the causal forward kernel gives them one program per
+    head and query block, walking every key in turn)."""
+    B, H, KV, T, S, d = _check(q, k, v)
+    if not decode_rows_fit(q, k):
+        raise ValueError(f"{H // KV} query heads per KV head x T={T} tokens exceed {MAX_ROWS} rows: use flash_attention")
+    q_pos, stride_pb = _positions(q_pos, B, T, q.device)
+    num_splits = default_num_splits(B, KV, S, q.device) if num_splits is None else int(num_splits)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    G = H // KV
+    o_part = torch.empty(B, H, T, num_splits, d, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(B, H, T, num_splits, device=q.device, dtype=torch.float32)
+    _decode_rows_split_tuned[(B, KV, num_splits)](
+        q, k, v, o_part, lse_part, q_pos, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), stride_pb, G, T, S, num_splits, _bucket(S),
+        HEAD_DIM=d, BLOCK_R=max(16, triton.next_power_of_2(G * T)),  # tl.dot needs >= 16 rows
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    out = torch.empty(B, H, T, d, device=q.device, dtype=q.dtype)  # contiguous: (B, H * T, d) for the merge
+    _decode_combine[(B * H * T,)](o_part, lse_part, out, H * T, H * T * d, d, 1, num_splits,
+                                  HEAD_DIM=d, SPLITS=triton.next_power_of_2(num_splits))
+    return out
