@@ -467,8 +467,11 @@ my_verify_ratio = None  # your prediction
 # graph, three ways: the decoder with nn.Linear (cuBLAS), with `SmallMLinear` (the Triton GEMV at one
 # row, and at 2-16 rows a tensor-core kernel that reads each weight tile once for all rows,
 # `labutils/gemv.py`), the same with the layers compiled (Inductor fuses the norms, RoPE and
-# SwiGLU around the matmuls), and that with notebook 03's attention kernels (FlashDecoding for one
-# token, the causal Triton kernel at the queries' positions for more). [shape twin: speed only]
+# SwiGLU around the matmuls), and that with notebook 03's attention kernels: FlashDecoding for one
+# token, and for the k + 1 tokens of a verification the same split of the keys with the query heads
+# times the tokens as the rows of each tile, every row masked at its own position
+# (`flash_decode_rows`; the causal forward kernel would walk the whole cache in one program per
+# head). [shape twin: speed only]
 
 # %%
 show_source(SmallMLinear)
