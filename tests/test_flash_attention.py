@@ -242,11 +242,12 @@ def test_cost_formulas():
 
 
 # ---- a few queries per sequence: flash_decode_rows (speculative verification) -----------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DT_IDS.get)
-@pytest.mark.parametrize("H,KV,T", [(4, 2, 5), (2, 2, 9), (6, 2, 3), (3, 1, 17)], ids=str)
+@pytest.mark.parametrize("H,KV,T,dtype", [(4, 2, 5, torch.float32), (4, 2, 5, torch.float16),
+                                         (2, 2, 9, torch.float32), (3, 1, 17, torch.float16)],
+                         ids=lambda x: DT_IDS.get(x, str(x)))
 def test_flash_decode_rows(H, KV, T, dtype):
     """T queries at consecutive positions (the last committed token and k drafts) ending anywhere in
-    a 48-slot cache whose later slots hold NaN; (T,) and (B, T) positions; 1 to 7 splits, so that some
+    a 48-slot cache whose later slots hold NaN; (T,) and (B, T) positions; 1 and 7 splits, so that some
     splits hold keys past some rows' positions (rows that see nothing there)."""
     from labutils.flash_attention import flash_decode_rows
 
@@ -256,7 +257,7 @@ def test_flash_decode_rows(H, KV, T, dtype):
         q_pos = torch.stack([torch.arange(e - T + 1, e + 1) for e in ends])  # (B, T)
         kp, vp = poison(k, v, [e + 1 for e in ends])
         ref = reference(q, k, v, q_pos)
-        for num_splits in (1, 2, 7):
+        for num_splits in (1, 7):
             out = flash_decode_rows(q, kp, vp, q_pos, num_splits=num_splits)
             assert torch.isfinite(out).all(), f"ends {ends}, {num_splits} splits: a slot past a position was read"
             check(out, ref, dtype, f"flash_decode_rows, ends {ends}, {num_splits} splits")
