@@ -22,6 +22,17 @@ if runtime.triton_interpreted():  # one small configuration: the interpreter is 
 
 
 @triton.jit
+def _store_partial(acc, l_i, m_i, part, row_ok, O_PART, LSE_PART, HEAD_DIM: tl.constexpr):
+    """One split's partial output and log-sum-exp (log2 units) at rows ``part`` of the partial
+    buffers, for ``_decode_combine``; a row that saw no key in its split gives 0 and -inf (weight 0)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
+    tl.store(LSE_PART + part, tl.where(nonempty, m_i + tl.math.log2(l_safe), float("-inf")), mask=row_ok)
+
+
+@triton.jit
 def _decode_split(Q, K, V, O_PART, LSE_PART, QPOS, qk_scale,
                   stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd, stride_pb, GROUP, S, NUM_SPLITS, S_BUCKET,
@@ -49,13 +60,8 @@ def _decode_split(Q, K, V, O_PART, LSE_PART, QPOS, qk_scale,
     acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_g, full, end,
                                 qk_scale, True, False, BLOCK_N, DOT_PREC)
     # -- partial output and log-sum-exp; an empty split (more splits than blocks) gives 0 and -inf
-    nonempty = l_i > 0
-    l_safe = tl.where(nonempty, l_i, 1.0)
-    acc = acc / l_safe[:, None]
-    lse = tl.where(nonempty, m_i + tl.math.log2(l_safe), float("-inf"))
     part = (b.to(tl.int64) * GROUP * tl.num_programs(1) + h) * NUM_SPLITS + split  # (BLOCK_G,) row of (B, H, splits)
-    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
-    tl.store(LSE_PART + part, lse, mask=row_ok)
+    _store_partial(acc, l_i, m_i, part, row_ok, O_PART, LSE_PART, HEAD_DIM)
 
 
 _decode_split_tuned = triton.autotune(configs=_DEC_CONFIGS, key=["S_BUCKET", "NUM_SPLITS", "HEAD_DIM", "BLOCK_G"])(
@@ -164,14 +170,9 @@ def _decode_rows_split(Q, K, V, O_PART, LSE_PART, QPOS, qk_scale,
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_ij
-    nonempty = l_i > 0
-    l_safe = tl.where(nonempty, l_i, 1.0)
-    acc = acc / l_safe[:, None]
-    lse = tl.where(nonempty, m_i + tl.math.log2(l_safe), float("-inf"))
     # row of (B, H, T, splits): the combine kernel then sees H * T "heads"
     part = ((b.to(tl.int64) * GROUP * tl.num_programs(1) + h) * T + t) * NUM_SPLITS + split
-    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
-    tl.store(LSE_PART + part, lse, mask=row_ok)
+    _store_partial(acc, l_i, m_i, part, row_ok, O_PART, LSE_PART, HEAD_DIM)
 
 
 _decode_rows_split_tuned = triton.autotune(configs=_DEC_CONFIGS,

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import runtime
-from .decode_attention import _decode_combine, default_num_splits
+from .decode_attention import _decode_combine, _store_partial, default_num_splits
 from .flash_attention import DTYPES, HEAD_DIMS, LOG2E
 
 _BLOCK_N = 16 if runtime.triton_interpreted() else 64  # positions per tile of the decode loop
@@ -64,13 +64,8 @@ def _paged_decode_split(Q, K, V, O_PART, LSE_PART, BLOCK_TABLES, CONTEXT_LENS, q
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_ij
     # -- partial output and log-sum-exp; an empty split (more splits than pages) gives 0 and -inf
-    nonempty = l_i > 0
-    l_safe = tl.where(nonempty, l_i, 1.0)
-    acc = acc / l_safe[:, None]
-    lse = tl.where(nonempty, m_i + tl.math.log2(l_safe), float("-inf"))
     part = (b.to(tl.int64) * GROUP * tl.num_programs(1) + h) * NUM_SPLITS + split  # rows of (B, H, splits)
-    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
-    tl.store(LSE_PART + part, lse, mask=row_ok)
+    _store_partial(acc, l_i, m_i, part, row_ok, O_PART, LSE_PART, HEAD_DIM)
 
 
 # ---- the prefill kernel (varlen, causal, over pages) ---------------------------------------------
