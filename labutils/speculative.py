@@ -32,6 +32,7 @@ The drafter contract (n-gram lookup, a separate small model, a draft head on the
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -289,15 +290,17 @@ class ModelDrafter:
 
 
 # ---- the speculative decoder ---------------------------------------------------------------------
-def rounds_until_end(left: int, k: int, ran: int, emitted: int, room: int) -> int:
-    """How many on-device rounds to run before the next host sync, ``left`` tokens still to emit.
-    The first batch runs only as many as cannot overshoot (each round emits at most k + 1); later
-    ones as many as the tokens per round so far say the rest needs, so a whole answer takes a few
-    syncs rather than one per round or two (each sync idles the GPU while Python launches the next
-    batch). The last batch may overshoot by a round or so: those tokens are computed and dropped.
-    ``room``: the rounds the buffers can hold (each writes up to k + 1 positions); at least 1."""
-    rounds = left // (k + 1) if ran == 0 or emitted == 0 else -(-left * ran // emitted)
-    return max(1, min(rounds, room))
+def rounds_until_end(left: int, k: int, room: int) -> int:
+    """How many on-device rounds to run before the next host sync, ``left`` tokens still to emit:
+    ceil(left / (k + 1)), the fewest that could emit them (each round emits 1 to k + 1). No round of
+    such a batch is wasted: were ``left`` reached before its last round, that many rounds of k + 1
+    would already cover it. Sizing batches from the tokens per round so far would need fewer syncs,
+    but rounds are ~20x dearer than a sync (~1 ms against ~30-50 us of GPU idle while Python
+    launches the next batch), and acceptance can jump: on the GPU, a 128-token answer whose text
+    fell into a repeated list after a few rounds ran twice the rounds it needed, sized from the
+    slow start (probe_round05). The last round may overshoot by up to k tokens, computed and
+    dropped. ``room``: the rounds the buffers can hold (each writes up to k + 1 positions); at least 1."""
+    return max(1, min(-(-left // (k + 1)), room))
 
 
 def commit_round(logits, h, draft, q, pos, toks, L, counts, hidden, temperature, top_p, accept, log=None):
@@ -544,15 +547,14 @@ class SpeculativeDecoder:
             self._toks[:L] = torch.tensor(state.tokens, device=self._toks.device)
             self._L.fill_(L)
             self._counts.zero_()
-            L0, ran, cap = L, 0, self._toks.shape[0]
+            cap = self._toks.shape[0]
             while L - T < max_new_tokens:
                 if eos_id is not None and eos_id in self._toks[T:L].tolist():
                     break
-                rounds = rounds_until_end(max_new_tokens - (L - T), k, ran, L - L0, (cap - L) // (k + 1))
+                rounds = rounds_until_end(max_new_tokens - (L - T), k, (cap - L) // (k + 1))
                 step = self._device_round_graph().replay if self.graph else self._device_round
                 for _ in range(rounds):
                     step()
-                ran += rounds
                 L = int(self._L)  # a host sync per batch of rounds
                 mark.count("syncs")
             mark("rounds")
@@ -616,16 +618,17 @@ def plain_tok_s(engine, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> fl
 
 
 @torch.no_grad()
-def spec_speed(spec, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> dict:
-    """Speed of ``spec.generate_on_device(idx, n)`` from the same timed calls (one warm-up, best of
-    ``repeats``): ``tok_s`` over the whole call (prefill included) and ``decode_tok_s`` over the n - 1
-    tokens after the prompt's forward and first token, as ``DecodeEngine.decode_tok_s`` counts."""
-    return _best_speeds(lambda ph: spec.generate_on_device(idx, n, phases=ph), n, repeats)
+def spec_speed(spec, idx: torch.Tensor, n: int = 128, repeats: int = 5) -> dict:
+    """Speed of ``spec.generate_on_device(idx, n)`` from the same timed calls (one warm-up, then
+    ``repeats``; ``_speeds``): ``tok_s`` over the whole call (prefill included) and ``decode_tok_s``
+    over the n - 1 tokens after the prompt's forward and first token, as ``DecodeEngine.decode_tok_s``
+    counts."""
+    return _speeds(lambda ph: spec.generate_on_device(idx, n, phases=ph), n, repeats)
 
 
 @torch.no_grad()
-def plain_speed(engine, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> dict:
-    """The same two speeds for a plain ``DecodeEngine``: ``prefill(idx)`` then ``decode(n - 1)``, timed
+def plain_speed(engine, idx: torch.Tensor, n: int = 128, repeats: int = 5) -> dict:
+    """The same speeds for a plain ``DecodeEngine``: ``prefill(idx)`` then ``decode(n - 1)``, timed
     apart (as ``generate(idx, n)`` runs them)."""
     if n < 2:
         raise ValueError(f"need n >= 2 (the first token comes from the prefill), got {n}")
@@ -637,21 +640,25 @@ def plain_speed(engine, idx: torch.Tensor, n: int = 128, repeats: int = 3) -> di
         engine.decode(n - 1)
         mark("decode")
 
-    return _best_speeds(call, n, repeats)
+    return _speeds(call, n, repeats)
 
 
-def _best_speeds(call, n: int, repeats: int) -> dict:
-    """``call(phases)`` once to warm up, then ``repeats`` times; the best whole call (its phases summed)
-    and the best time after the ``prefill`` phase, as tokens/s over n and n - 1 tokens."""
-    best_total = best_decode = float("inf")
+def _speeds(call, n: int, repeats: int) -> dict:
+    """``call(phases)`` once to warm up, then ``repeats`` times: the median whole call (its phases
+    summed) as ``tok_s`` over n tokens, with the slowest and fastest call (``tok_s_min``,
+    ``tok_s_max``), and the median time after the ``prefill`` phase as ``decode_tok_s`` over n - 1."""
+    if repeats < 1:
+        raise ValueError(f"need repeats >= 1, got {repeats}")
+    totals, decodes = [], []
     for r in range(repeats + 1):
         ph = {}
         call(ph)
         if r:
             seconds = sum(v for k, v in ph.items() if k != "syncs")
-            best_total = min(best_total, seconds)
-            best_decode = min(best_decode, seconds - ph["prefill"])
-    return {"tok_s": n / best_total, "decode_tok_s": (n - 1) / best_decode}
+            totals.append(seconds)
+            decodes.append(seconds - ph["prefill"])
+    return {"tok_s": n / statistics.median(totals), "tok_s_min": n / max(totals), "tok_s_max": n / min(totals),
+            "decode_tok_s": (n - 1) / statistics.median(decodes)}
 
 
 class _PhaseClock:

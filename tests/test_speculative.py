@@ -329,10 +329,27 @@ def test_padded_prefill_greedy_identical(tiny, bucket):
 def test_rounds_until_end():
     from labutils.speculative import rounds_until_end
 
-    assert rounds_until_end(127, 4, 0, 0, 100) == 25  # first batch: cannot overshoot 127 at 5 a round
-    assert rounds_until_end(127, 16, 0, 0, 100) == 7
-    assert rounds_until_end(3, 16, 0, 0, 100) == 1  # always at least one round
-    assert rounds_until_end(60, 16, 7, 21, 100) == 20  # 3 tokens a round so far: 60 more need 20
-    assert rounds_until_end(61, 16, 7, 21, 100) == 21  # rounded up
-    assert rounds_until_end(60, 16, 7, 21, 5) == 5  # capped by the room in the buffers
-    assert rounds_until_end(60, 16, 7, 0, 100) == 3  # nothing emitted yet (impossible: >= 1 a round): cautious
+    assert rounds_until_end(127, 4, 100) == 26  # the fewest rounds of up to 5 tokens that could emit 127
+    assert rounds_until_end(127, 16, 100) == 8
+    assert rounds_until_end(3, 16, 100) == 1  # always at least one round
+    assert rounds_until_end(60, 16, 2) == 2  # capped by the room in the buffers
+    assert rounds_until_end(5, 4, 0) == 1
+
+
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_round_batches_waste_no_round(k):
+    """Rounds run in batches sized by rounds_until_end, with a host sync after each, never run a round
+    after the answer is complete, whatever each round emits: here a slow start that jumps to every
+    draft accepted (the case that made the earlier sizing run twice the rounds it needed), and random."""
+    from labutils.speculative import rounds_until_end
+
+    g = torch.Generator().manual_seed(k)
+    jump = [1] * 7 + [k + 1] * 200
+    for emits in [jump, torch.randint(1, k + 2, (300,), generator=g).tolist()]:
+        n_new, done, ran = 127, 0, 0
+        while done < n_new:
+            for _ in range(rounds_until_end(n_new - done, k, 1000)):
+                done += emits[ran]
+                ran += 1
+        needed = next(i + 1 for i in range(len(emits)) if sum(emits[: i + 1]) >= n_new)
+        assert ran == needed, f"k={k}: ran {ran} rounds, {needed} were needed"
