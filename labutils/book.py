@@ -115,16 +115,31 @@ def drop_widget_views(nb) -> int:
     """Remove widget views from a notebook's saved outputs (and any saved widget state), keeping
     their text: a saved view points at widget state that a saved notebook does not keep (kept, the
     state of a notebook's sliders weighed ~270 KB), so no viewer could draw it; the text says what
-    the slider is, and the function's output for its default values sits above it. Returns how many
-    views were removed."""
+    the slider is, and the function's output for its default values sits above it. A progress bar
+    (tqdm's widget) goes whole: its text is its first frame, "0%|", which says nothing once the run
+    is over. Returns how many views were removed."""
     n = 0
     for cell in nb.cells:
+        kept = []
         for out in cell.get("outputs", []):
-            if WIDGET_VIEW in out.get("data", {}):
-                del out["data"][WIDGET_VIEW]
+            data = out.get("data", {})
+            if WIDGET_VIEW in data:
                 n += 1
+                if TQDM_TEXT.match(_text(data.get("text/plain", ""))):
+                    continue  # a progress bar: its saved text is its first frame ("0%|"), dead without the widget
+                del data[WIDGET_VIEW]
+            kept.append(out)
+        if "outputs" in cell:
+            cell["outputs"] = kept
     nb.metadata.pop("widgets", None)
     return n
+
+
+TQDM_TEXT = re.compile(r"^[^\n]*\d+%\|")  # tqdm's text: "desc:  40%|████      | 2/5 [...]"
+
+
+def _text(v) -> str:
+    return "".join(v) if isinstance(v, list) else str(v)
 
 
 def headlines(stems: list[str]) -> str:

@@ -29,12 +29,15 @@ def test_deadline_stops_a_cell_and_keeps_the_outputs(tmp_path, monkeypatch):
 
 def test_run_saves_no_widget_state_and_keeps_the_sliders_text(tmp_path, monkeypatch):
     """A slider's saved view would point at widget state the notebook does not keep: the runner
-    saves neither, leaving the slider's text (and the output of the direct call above it)."""
+    saves neither, leaving the slider's text (and the output of the direct call above it). A
+    progress bar leaves nothing (its saved text would be its first frame, "0%|")."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(
         "from labutils.notebook import slider\n"
         "def f(n=3):\n    print('n squared is', n * n)\n"
-        "f()\nslider(f, n=(1, 9, 1, 3))")]
+        "f()\nslider(f, n=(1, 9, 1, 3))"),
+        nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='work'):\n    pass\n"
+                                  "print('after the loop')")]
     path = tmp_path / "99_slider.ipynb"
     nbformat.write(nb, path)
     monkeypatch.setattr(book, "BUILD", tmp_path / "build")
@@ -48,6 +51,8 @@ def test_run_saves_no_widget_state_and_keeps_the_sliders_text(tmp_path, monkeypa
     assert not views, views
     texts = [o["data"]["text/plain"] for o in outputs if "data" in o]
     assert any(t.startswith("[slider over n") for t in texts), texts
+    bar = done.cells[1].outputs
+    assert [o.get("text") for o in bar] == ["after the loop\n"], bar
 
 
 # ---- the student edition ------------------------------------------------------------------------------------
