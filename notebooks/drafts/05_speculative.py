@@ -365,10 +365,10 @@ if GPU:
 
 def run_spec(drafter, k, ids, n=N_NEW, temperature=0.0, top_p=1.0, timed=GPU):
     """Speculative decoding of ids: (speeds or None, stats, output); speeds (``spec_speed``): tokens/s
-    with the prefill and without it, best of 3 timed calls."""
+    with the prefill and without it, the median of 5 timed calls (and the slowest and fastest)."""
     spec = SpeculativeDecoder(model, drafter, k=k, graph=GPU, compile_glue=GPU, temperature=temperature, top_p=top_p,
                               prefill_bucket=PREFILL_BUCKET)
-    speeds = spec_speed(spec, ids, n, repeats=3) if timed else None
+    speeds = spec_speed(spec, ids, n) if timed else None
     out = spec.generate_on_device(ids, n)
     return speeds, spec.stats, out
 
@@ -463,10 +463,10 @@ slider(speedup_curves, a=(0.0, 0.99, 0.01, 0.7), c=(0.0, 0.5, 0.01, 0.05), v=(1.
 my_verify_ratio = None  # your prediction
 
 # %% [markdown]
-# We time one forward of T = 1 … 16 new tokens after 256 cached positions, replayed from a CUDA
-# graph, three ways: the decoder with nn.Linear (cuBLAS), with `SmallMLinear` (the Triton GEMV at one
-# row, and at 2-16 rows a tensor-core kernel that reads each weight tile once for all rows,
-# `labutils/gemv.py`), the same with the layers compiled (Inductor fuses the norms, RoPE and
+# We time one forward of T = 1 … 17 new tokens after 256 cached positions, replayed from a CUDA
+# graph, four ways: the decoder with nn.Linear (cuBLAS), with `SmallMLinear` (the Triton GEMV at one
+# row, at 2-16 rows a tensor-core kernel that reads each weight tile once for all rows, past 16
+# cuBLAS again; `labutils/gemv.py`), the same with the layers compiled (Inductor fuses the norms, RoPE and
 # SwiGLU around the matmuls), and that with notebook 03's attention kernels: FlashDecoding for one
 # token, and for the k + 1 tokens of a verification the same split of the keys with the query heads
 # times the tokens as the rows of each tile, every row masked at its own position
@@ -548,11 +548,16 @@ print(f"T = {small_df['T'].max()} costs {r9['cuBLAS + SDPA']:.2f}x one token wit
 # N_NEW − 1 tokens after the prompt's forward and its first token, notebook 02's measure). The
 # prefill is the same work in both methods, so it dilutes the speedup of a short answer. Speculative
 # rounds run on the device, each one CUDA-graph replay (draft, verify, accept, commit), on the target
-# of section 4 (timed there).
+# of section 4 (timed there). Python replays them in batches and reads the text's length between
+# batches (a host sync); each batch is the fewest rounds that could finish the answer,
+# ⌈tokens left / (k + 1)⌉, so no round runs after the answer is complete, whatever the acceptance does
+# (`rounds_until_end`). Every speed is the median of five timed calls after a warm-up, with the
+# slowest (min) and fastest (max) call beside it.
 # The plain engine runs four ways, and each speedup is against the fastest of them on that task:
 # graph replay over the same layers as speculation, over SmallMLinear with SDPA, over cuBLAS with SDPA
 # (all three with compiled layers), and notebook 02's engine with the whole step compiled. The
-# library baseline in the same run is HF `generate` with and without `prompt_lookup_num_tokens`.
+# library baseline in the same run is HF `generate` with and without `prompt_lookup_num_tokens`
+# (the median of three calls after a warm-up call, which is several times slower).
 #
 # Both methods run the prompt's forward the same way. Launched from Python, it costs a model this
 # small far more CPU time than GPU time: a few hundred kernel launches for a forward the GPU finishes
@@ -573,12 +578,13 @@ if GPU:
 speed_rows = []
 for task, prompts in tasks.items():
     for ename, e in plain_engines.items():
-        v = plain_speed(e, prompts[0], N_NEW, repeats=pick(3, 1))
+        v = plain_speed(e, prompts[0], N_NEW, repeats=pick(5, 1))
         speed_rows.append({"task": task, "method": f"plain: {ename}", "k": 0, "tok/s": v["tok_s"],
-                           "decode tok/s": v["decode_tok_s"]})
+                           "min": v["tok_s_min"], "max": v["tok_s_max"], "decode tok/s": v["decode_tok_s"]})
 for r in timed_rows:
-    speed_rows.append({**{key: val for key, val in r.items() if key not in ("tok_s", "decode_tok_s")},
-                       "tok/s": r.get("tok_s", float("nan")), "decode tok/s": r.get("decode_tok_s", float("nan"))})
+    speed_rows.append({**{key: val for key, val in r.items() if not key.startswith(("tok_s", "decode_tok_s"))},
+                       "tok/s": r.get("tok_s", float("nan")), "min": r.get("tok_s_min", float("nan")),
+                       "max": r.get("tok_s_max", float("nan")), "decode tok/s": r.get("decode_tok_s", float("nan"))})
 speed = pd.DataFrame(speed_rows)
 plain_best = speed[speed["k"] == 0].groupby("task")["tok/s"].max()
 plain_best_decode = speed[speed["k"] == 0].groupby("task")["decode tok/s"].max()
@@ -595,18 +601,19 @@ for task, prompts in tasks.items():
     ids = prompts[0]
     for plk in (None, 3, 10):
         kw = {} if plk is None else {"prompt_lookup_num_tokens": plk}
-        times = []
-        for n in pick((8, N_NEW), (N_NEW,)):  # a short call warms up, then the timed one
+        speeds = []
+        for rep in range(pick(4, 1)):  # the first call warms up (a first call is several times slower), 3 timed
             if GPU:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
                         do_sample=False, pad_token_id=tok.eos_token_id, **kw)
             if GPU:
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            speeds.append(N_NEW / (time.perf_counter() - t0))
+        timed = pd.Series(speeds[1:] if len(speeds) > 1 else speeds)
         hf_rows.append({"task": task, "HF generate": "plain" if plk is None else f"prompt lookup {plk}",
-                        "tok/s": N_NEW / times[-1]})
+                        "tok/s": timed.median(), "min": timed.min(), "max": timed.max()})
 hf_df = pd.DataFrame(hf_rows)
 hf_plain = hf_df[hf_df["HF generate"] == "plain"].set_index("task")["tok/s"]
 hf_df["speedup over HF plain"] = hf_df["tok/s"] / hf_df["task"].map(hf_plain)
@@ -624,12 +631,11 @@ print(decode_summary.to_string(float_format=lambda x: f"{x:.2f}"))
 speedup = {name: float(d["speedup"].max()) for name, d in spec_rows.groupby("method")}
 decode_speedup = {name: float(d["decode speedup"].max()) for name, d in spec_rows.groupby("method")}
 hf_prompt_lookup_speedup = float(summary["HF prompt lookup (over HF plain)"].max())
-long = spec_rows.melt(id_vars=["task", "method", "k"], value_vars=["speedup", "decode speedup"], var_name="measure",
-                      value_name="x plain")
-long["measure"] = long["measure"].map({"speedup": "with prefill", "decode speedup": "decode only"})
-fig = px.bar(long, x="k", y="x plain", color="method", facet_col="task", facet_row="measure", barmode="group",
-             title=f"Speculative decoding over the plain lab engine, embedded model ({'bf16, ' + torch.cuda.get_device_name() if GPU else 'CPU: not timed'})",
-             height=560)
+bars = spec_rows.assign(k=spec_rows["k"].astype(str))  # k as a category: one slot per k tried
+fig = px.bar(bars, x="k", y="speedup", color="method", facet_col="task", barmode="group", height=380,
+             error_y=bars["max"] / bars["task"].map(plain_best) - bars["speedup"],
+             error_y_minus=bars["speedup"] - bars["min"] / bars["task"].map(plain_best),
+             title=f"Over the plain lab engine, with the prefill ({'bf16, ' + torch.cuda.get_device_name() if GPU else 'CPU: not timed'})")
 fig.add_hline(y=1, line_dash="dot")
 show(fig)
 
@@ -731,24 +737,34 @@ print("best predicted speedup at 7B [shape twin costs, real acceptance]:", {k: r
 # %% [markdown]
 # ## 9. Where speculation stops paying
 #
-# **Temperature.** Sampling makes the target's choices less predictable: acceptance falls and so
-# does the speedup (measured on the embedded model, code-editing prompt, k = 4; the plain baseline is
-# the greedy engine, whose step costs the same).
+# **Temperature.** Sampling makes the target's choices less predictable, and a sampled text is one
+# draw among many: acceptance is averaged over several seeds (the same seeds for every setting),
+# each a different text (embedded model, code-editing prompt, k = 4; the plain baseline is the greedy
+# engine, whose step costs the same). A sampled draft is accepted with probability min(1, p/q),
+# and prompt lookup's q is one-hot (its guess has q = 1), so the target keeps it with probability p
+# of that token: at temperature 1 the guessed token rarely carries all of p.
 
 # %%
+SEEDS = pick(4, 1)
 temp_rows = []
 ids = tasks["code editing"][0]
 for name, drafter in list(drafters_for(model, head).items())[:2]:
     for temperature in pick([0.0, 0.5, 1.0], [0.0, 1.0]):
-        torch.manual_seed(0)
-        speeds, s, _ = run_spec(drafter, 4, ids, temperature=temperature, top_p=0.95 if temperature else 1.0, timed=GPU)
-        temp_rows.append({"drafter": name, "temperature": temperature, "acceptance": s.acceptance,
+        spec = SpeculativeDecoder(model, drafter, k=4, graph=GPU, compile_glue=GPU, temperature=temperature,
+                                  top_p=0.95 if temperature else 1.0, prefill_bucket=PREFILL_BUCKET)
+        speeds = spec_speed(spec, ids, N_NEW) if GPU else None
+        acc = exm = 0
+        for seed in range(SEEDS):
+            torch.manual_seed(seed)
+            spec.generate_on_device(ids, N_NEW)
+            acc, exm = acc + spec.stats.accepted, exm + spec.stats.examined
+        temp_rows.append({"drafter": name, "temperature": temperature, "acceptance": acc / max(exm, 1),
                           "speedup": (speeds["tok_s"] / plain_best["code editing"]) if GPU else float("nan"),
                           "decode speedup": (speeds["decode_tok_s"] / plain_best_decode["code editing"]) if GPU else float("nan")})
 temp_df = pd.DataFrame(temp_rows)
 print(temp_df.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
 show(px.line(temp_df, x="temperature", y="acceptance", color="drafter", markers=True, height=320,
-             title="Acceptance vs sampling temperature (k = 4, code editing)"))
+             title=f"Acceptance vs sampling temperature (k = 4, code editing, {SEEDS} seeds)"))
 
 # %% [markdown]
 # **Batch size.** Speculation spends idle arithmetic; a batch of B sequences already spends it. At
