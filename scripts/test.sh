@@ -30,7 +30,16 @@ phase setup bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export LAB_SMOKE=1 PYTHONUNBUFFERED=1
-phase pytest python -m pytest tests -q -p no:cacheprovider -m "not browser" --durations=15 "$@"
-phase nbval python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -q -p no:cacheprovider notebooks/*.ipynb
+# Each phase runs one pytest-xdist worker per core (up to 4), each worker and every kernel it starts
+# on one thread (OMP_NUM_THREADS=1; tests/conftest.py sets torch's threads to 1 in a worker): on an
+# idle 2-core machine pytest took 513 s in one process of two threads and 327 s in two workers of
+# one, nbval 154 s and 114 s.
+WORKERS=$(python -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
+export OMP_NUM_THREADS=1
+phase pytest python -m pytest tests -q -p no:cacheprovider -m "not browser" -n "$WORKERS" --durations=15 "$@"
+# --dist loadfile: one notebook's cells stay on one worker (they share its kernel)
+phase nbval python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -q -p no:cacheprovider \
+  -n "$WORKERS" --dist loadfile notebooks/*.ipynb
 phase chromium install_chromium
-phase browser python -m pytest tests/test_browser.py -q -s -p no:cacheprovider -rs
+rm -f build/browser/timings.txt
+phase browser python -m pytest tests/test_browser.py -q -s -p no:cacheprovider -rs -n "$WORKERS" --dist load

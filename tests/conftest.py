@@ -16,7 +16,9 @@ import torch  # noqa: E402
 
 import labutils  # noqa: E402,F401  (sets TRITON_INTERPRET=1 on a machine without GPU)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread per pytest-xdist worker (scripts/test.sh runs one worker per core): two workers of two
+# threads each on two cores slow each other far more than they gain
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 # ---- numerical helpers --------------------------------------------------------------------------

@@ -19,6 +19,8 @@ that is a failure. scripts/test.sh runs this module as its own phase (marker `br
 LAB_BROWSER_TIMEOUT: seconds allowed for one notebook's Run All (default 900).
 LAB_BROWSER_NOTEBOOKS: a comma-separated list of name prefixes ("00,03") to test only those.
 Each notebook's Run All time and its kernel's CPU seconds go to build/browser/timings.txt.
+Under pytest-xdist (scripts/test.sh: one worker per core, up to 4) each worker runs its own server
+and browser over the notebooks it is given.
 """
 from __future__ import annotations
 
@@ -102,7 +104,8 @@ def lab(tmp_path_factory):
         shutil.copy2(nb, books / nb.name)
     _write_settings(root / "settings")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "timings.txt").unlink(missing_ok=True)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # under pytest-xdist each worker has its own server: keep the others' lines
+        (ARTIFACTS / "timings.txt").unlink(missing_ok=True)
     port = _free_port()
     env = {**os.environ, "LAB_SMOKE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1", "LAB_RESULTS_DIR": str(ARTIFACTS / "results"),  # inside the repo (build/), as a notebook may print its path relative to it
