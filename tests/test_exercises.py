@@ -156,7 +156,7 @@ def test_predict(capsys):
     assert "(50% low)" in predict("speed-up", 1.0, 2.0, "x") and "1x" in predict("speed-up", 1.0, 2.0, "x")
     assert "off by 4.0x" in predict("speed-up", 8.0, 2.0)
     nudge = predict("tokens per pass", None, 2.5)
-    assert "enter your prediction first" in nudge and "2.5" not in nudge
+    assert "no prediction entered" in nudge and "2.5" not in nudge
 
 
 def test_check_and_predict_results_do_not_display_twice(capsys):

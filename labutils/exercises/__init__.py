@@ -254,8 +254,8 @@ def predict(name: str, predicted: float | None, measured: float, unit: str = "")
     """A "predict first" cell: how far ``predicted`` was from ``measured``. Prints and returns the line."""
     u = unit if unit in ("", "x", "%") else f" {unit}"
     if predicted is None:
-        line = (f"✎ {name}: enter your prediction first (set it in this cell and run it again); "
-                f"the measurement is shown once you have")
+        line = (f"✎ {name}: no prediction entered. Write yours down before reading the measurement, set it "
+                f"in the prediction cell and run this one again to see how far off it was")
     elif measured == 0:
         line = f"{name}: predicted {predicted:.4g}{u}, measured 0{u}" + ("" if predicted == 0 else ": no ratio to a zero")
     else:

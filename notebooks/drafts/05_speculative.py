@@ -816,7 +816,7 @@ metrics = {
                    "n_tokens": getattr(head, "n_tokens", None)},
 }
 path = save_results("05_speculative", metrics, dtype=pick(torch.bfloat16, torch.float32))
-print(f"wrote {path}")
+print(f"wrote {path.parent.name}/{path.name}")  # relative: the same on every machine
 print({k: v for k, v in metrics.items() if k in ("greedy_identical", "negative_control_p", "speedup", "decode_speedup",
                                                   "hf_prompt_lookup_speedup", "predicted_speedup_7b")})
 print("verify_cost_ratio:", {T: round(r, 3) for T, r in verify_cost_ratio.items()})

@@ -727,6 +727,6 @@ metrics = {
     "vllm": None if not vllm_result else {k: v for k, v in vllm_result.items() if k not in ("per_request_ttft_ms", "traceback")},
 }
 path = save_results("06_serving", metrics, dtype=torch.bfloat16 if FULL else torch.float32)
-print(f"wrote {path}")
+print(f"wrote {path.parent.name}/{path.name}")  # relative: the same on every machine
 print({k: metrics[k] for k in ("throughput_tok_s", "kv_utilization", "prefix_cache_ttft_speedup", "outputs_match_alone")})
 assert outputs_match_alone, f"batched greedy outputs differ from the requests alone: {mismatch}"

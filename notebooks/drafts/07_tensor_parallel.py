@@ -428,4 +428,4 @@ if bench is not None:
     metrics.update(summary)
     extra.update(runs=bench["runs"], skipped=bench["skipped"])
 path = save_results("07_tensor_parallel", metrics, dtype=pick(torch.bfloat16, torch.float32), **extra)
-print(f"wrote {path}")
+print(f"wrote {path.parent.name}/{path.name}")  # relative: the same on every machine
