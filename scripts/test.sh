@@ -32,8 +32,8 @@ phase setup bash scripts/setup.sh
 export LAB_SMOKE=1 PYTHONUNBUFFERED=1
 # Each phase runs one pytest-xdist worker per core (up to 4), each worker and every kernel it starts
 # on one thread (OMP_NUM_THREADS=1; tests/conftest.py sets torch's threads to 1 in a worker): on an
-# idle 2-core machine pytest took 513 s in one process of two threads and 327 s in two workers of
-# one, nbval 154 s and 114 s.
+# idle 2-core machine a fresh clone took 1047 s in one process per phase and 712 s in two workers
+# (pytest 513 -> 306 s, nbval 154 -> 120, browser 263 -> 182).
 WORKERS=$(python -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 export OMP_NUM_THREADS=1
 phase pytest python -m pytest tests -q -p no:cacheprovider -m "not browser" -n "$WORKERS" --durations=15 "$@"
