@@ -28,7 +28,8 @@ class Timing:
 
 
 def time_fn(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3, cuda_graph: bool = False) -> Timing:
-    """Median and 20th/80th percentile wall time of ``fn()`` in milliseconds, after warm-up.
+    """Median and 20th/80th percentile wall time of ``fn()`` in milliseconds, after warm-up, over at
+    least ``min_reps`` timed calls (more as ``rep_ms`` allows).
 
     ``cuda_graph`` (GPU): time ``fn`` replayed from a CUDA graph, as a decode engine runs it, so that
     Python and launch overhead (tens of microseconds for a custom op behind an autotuner) do not hide
@@ -39,7 +40,15 @@ def time_fn(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3, c
         return _time_graph(fn, rep_ms)
     if runtime.has_cuda():
         import triton.testing
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        # do_bench runs rep_ms // (its estimate of one call) times, at least once: a 0.35 s call timed
+        # with rep_ms=200 ran once, a median without a spread. Stretch rep so it runs min_reps times.
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        once = (time.perf_counter() - t0) * 1e3
+        rep = max(rep_ms, 1.1 * min_reps * once)
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return Timing(med, p20, p80)
     t0 = time.perf_counter()
     fn()  # first call: estimate the cost, then warm up for warmup_ms
