@@ -125,7 +125,7 @@ def drop_widget_views(nb) -> int:
             data = out.get("data", {})
             if WIDGET_VIEW in data:
                 n += 1
-                if TQDM_TEXT.match(_text(data.get("text/plain", ""))):
+                if PROGRESS_BAR.search(_text(data.get("text/plain", "")).split("\n", 1)[0]):
                     continue  # a progress bar: its saved text is its first frame ("0%|"), dead without the widget
                 del data[WIDGET_VIEW]
             kept.append(out)
@@ -135,7 +135,7 @@ def drop_widget_views(nb) -> int:
     return n
 
 
-TQDM_TEXT = re.compile(r"^[^\n]*\d+%\|")  # tqdm's text: "desc:  40%|████      | 2/5 [...]"
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's text: "desc:  40%|████      | 2/5 [...]"
 
 
 def _text(v) -> str:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from labutils.book import PROGRESS_BAR
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MAX_BYTES = 300 * 1024
 PLOTLY = "application/vnd.plotly.v1+json"
 MACHINE_PATH = re.compile(r"(/root/|/home/\w|/tmp/repo/|/work/)")  # where the book has been run
-PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's text ("0%|          | 0/5")
 
 # (notebook, check) -> what is wrong, until the notebook's next GPU run (its draft fixes it)
 STALE = {
