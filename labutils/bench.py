@@ -27,9 +27,14 @@ class Timing:
         return f"{self.median_ms:.3f} ms (p20-p80 {self.p20_ms:.3f}-{self.p80_ms:.3f})"
 
 
+HOST_TIMED_MS = 50.0  # on a GPU, calls at least this long are timed by the host's clock, one by one
+
+
 def time_fn(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3, cuda_graph: bool = False) -> Timing:
     """Median and 20th/80th percentile wall time of ``fn()`` in milliseconds, after warm-up, over at
-    least ``min_reps`` timed calls (more as ``rep_ms`` allows).
+    least ``min_reps`` timed calls (more as ``rep_ms`` allows). The first call is never timed (with
+    ``warmup_ms=0`` it is the only warm-up). On a GPU a call under ``HOST_TIMED_MS`` is timed by
+    ``triton.testing.do_bench``, a longer one (a whole ``generate``) call by call, synchronized.
 
     ``cuda_graph`` (GPU): time ``fn`` replayed from a CUDA graph, as a decode engine runs it, so that
     Python and launch overhead (tens of microseconds for a custom op behind an autotuner) do not hide
@@ -38,27 +43,30 @@ def time_fn(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3, c
     model. ``fn`` must be capturable (no host syncs, no allocation that changes between calls)."""
     if runtime.has_cuda() and cuda_graph:
         return _time_graph(fn, rep_ms)
-    if runtime.has_cuda():
+    cuda = runtime.has_cuda()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()  # first call: estimate the cost (and warm up)
+    sync()
+    once = max(time.perf_counter() - t0, 1e-6) * 1e3
+    if cuda and once < HOST_TIMED_MS:
         import triton.testing
-        # do_bench runs rep_ms // (its estimate of one call) times, at least once: a 0.35 s call timed
-        # with rep_ms=200 ran once, a median without a spread. Stretch rep so it runs min_reps times.
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        once = (time.perf_counter() - t0) * 1e3
+        # do_bench runs rep // (its estimate of one call) times, at least once: stretch rep so it
+        # runs min_reps times (a 0.35 s call with rep_ms=200 ran once: a median without a spread)
         rep = max(rep_ms, 1.1 * min_reps * once)
         med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return Timing(med, p20, p80)
-    t0 = time.perf_counter()
-    fn()  # first call: estimate the cost, then warm up for warmup_ms
-    once = max(time.perf_counter() - t0, 1e-6) * 1e3
+    # a CPU, or a call long enough that the host's clock is exact for it (do_bench would spend five
+    # more calls estimating it): timed one by one, the device synchronized around each
     for _ in range(int(warmup_ms // once)):
         fn()
     times = []
     for _ in range(max(min_reps, int(rep_ms // once))):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
     return Timing(statistics.median(times), q[1], q[7])

@@ -38,6 +38,20 @@ def test_time_fn_measures_time():
     assert t.p20_ms <= t.median_ms <= t.p80_ms, str(t)
 
 
+def test_time_fn_slow_call_warms_up_once_then_times_min_reps():
+    """A slow call (a whole generate) with no warm-up time and no rep budget: the first call is the
+    warm-up and is not timed, then exactly min_reps timed calls; the slow first call is left out."""
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.06 if len(calls) == 1 else 0.01)
+
+    t = bench.time_fn(fn, warmup_ms=0, rep_ms=0, min_reps=3)
+    assert len(calls) == 4, f"{len(calls)} calls"
+    assert 9 <= t.median_ms < 40, t
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_time_fn_cuda_graph_matches_bandwidth():
     """A 1 GiB copy timed from a CUDA graph (flush subtracted) agrees with do_bench within 20%."""

@@ -52,6 +52,7 @@ from labutils import configs, draft_head, spec_checks
 from labutils.data import TASKS, speculative_tasks
 from labutils.decoder import Decoder
 from labutils.engine import DecodeEngine, compile_layers
+from labutils.bench import time_fn
 from labutils.exercises import check, predict
 from labutils.figures import show
 from labutils.gemv import SmallMLinear
@@ -363,11 +364,16 @@ if GPU:
     compile_layers(model, dynamic=True)  # the target's layers compiled once for every T (regional)
 
 
+def new_spec(drafter, k, temperature=0.0, top_p=1.0):
+    """Speculative decoding on the target as the speed runs use it (graphed rounds on a GPU)."""
+    return SpeculativeDecoder(model, drafter, k=k, graph=GPU, compile_glue=GPU, temperature=temperature, top_p=top_p,
+                              prefill_bucket=PREFILL_BUCKET)
+
+
 def run_spec(drafter, k, ids, n=N_NEW, temperature=0.0, top_p=1.0, timed=GPU):
     """Speculative decoding of ids: (speeds or None, stats, output); speeds (``spec_speed``): tokens/s
     with the prefill and without it, the median of 5 timed calls (and the slowest and fastest)."""
-    spec = SpeculativeDecoder(model, drafter, k=k, graph=GPU, compile_glue=GPU, temperature=temperature, top_p=top_p,
-                              prefill_bucket=PREFILL_BUCKET)
+    spec = new_spec(drafter, k, temperature, top_p)
     speeds = spec_speed(spec, ids, n) if timed else None
     out = spec.generate_on_device(ids, n)
     return speeds, spec.stats, out
@@ -557,7 +563,8 @@ print(f"T = {small_df['T'].max()} costs {r9['cuBLAS + SDPA']:.2f}x one token wit
 # graph replay over the same layers as speculation, over SmallMLinear with SDPA, over cuBLAS with SDPA
 # (all three with compiled layers), and notebook 02's engine with the whole step compiled. The
 # library baseline in the same run is HF `generate` with and without `prompt_lookup_num_tokens`
-# (the median of three calls after a warm-up call, which is several times slower).
+# (`bench.time_fn`: the median of three calls after a warm-up call, which is several times slower;
+# p20-p80 beside it).
 #
 # Both methods run the prompt's forward the same way. Launched from Python, it costs a model this
 # small far more CPU time than GPU time: a few hundred kernel launches for a forward the GPU finishes
@@ -601,19 +608,11 @@ for task, prompts in tasks.items():
     ids = prompts[0]
     for plk in (None, 3, 10):
         kw = {} if plk is None else {"prompt_lookup_num_tokens": plk}
-        speeds = []
-        for rep in range(pick(4, 1)):  # the first call warms up (a first call is several times slower), 3 timed
-            if GPU:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
-                        do_sample=False, pad_token_id=tok.eos_token_id, **kw)
-            if GPU:
-                torch.cuda.synchronize()
-            speeds.append(N_NEW / (time.perf_counter() - t0))
-        timed = pd.Series(speeds[1:] if len(speeds) > 1 else speeds)
+        gen = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW,  # noqa: E731
+                                  min_new_tokens=N_NEW, do_sample=False, pad_token_id=tok.eos_token_id, **kw)
+        t = time_fn(gen, warmup_ms=0, rep_ms=0, min_reps=pick(3, 1))  # the first call warms up (it is several times slower)
         hf_rows.append({"task": task, "HF generate": "plain" if plk is None else f"prompt lookup {plk}",
-                        "tok/s": timed.median(), "min": timed.min(), "max": timed.max()})
+                        "tok/s": N_NEW / t.median_ms * 1e3, "p20": N_NEW / t.p80_ms * 1e3, "p80": N_NEW / t.p20_ms * 1e3})
 hf_df = pd.DataFrame(hf_rows)
 hf_plain = hf_df[hf_df["HF generate"] == "plain"].set_index("task")["tok/s"]
 hf_df["speedup over HF plain"] = hf_df["tok/s"] / hf_df["task"].map(hf_plain)
@@ -750,8 +749,7 @@ temp_rows = []
 ids = tasks["code editing"][0]
 for name, drafter in list(drafters_for(model, head).items())[:2]:
     for temperature in pick([0.0, 0.5, 1.0], [0.0, 1.0]):
-        spec = SpeculativeDecoder(model, drafter, k=4, graph=GPU, compile_glue=GPU, temperature=temperature,
-                                  top_p=0.95 if temperature else 1.0, prefill_bucket=PREFILL_BUCKET)
+        spec = new_spec(drafter, 4, temperature, top_p=0.95 if temperature else 1.0)
         speeds = spec_speed(spec, ids, N_NEW) if GPU else None
         acc = exm = 0
         for seed in range(SEEDS):
