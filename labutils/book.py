@@ -61,9 +61,13 @@ HEADLINES = {
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
+    """The book's notebooks in order, or those whose names start with one of ``only``, in the order
+    given (``--only 05,00`` runs 05 first: a long notebook that reads no other's results can go before
+    the deadline of a shared run is near)."""
     paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     if only:
-        paths = [p for p in paths if any(p.stem.startswith(o) for o in only)]
+        paths = [p for o in only for p in paths if p.stem.startswith(o)]
+        paths = list(dict.fromkeys(paths))
     return paths
 
 

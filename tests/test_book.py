@@ -146,3 +146,12 @@ def test_student_command(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "05_spec.ipynb: 2 exercises stubbed" in printed and "06_serve.ipynb: 0 exercises stubbed" in printed
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["05_spec.ipynb", "06_serve.ipynb"]
+
+
+def test_only_runs_in_the_order_given(tmp_path, monkeypatch):
+    for stem in ("00_a", "01_b", "05_c"):
+        (tmp_path / f"{stem}.ipynb").write_text("{}")
+    monkeypatch.setattr(book, "NOTEBOOKS", tmp_path)
+    assert [p.stem for p in book.notebooks()] == ["00_a", "01_b", "05_c"]
+    assert [p.stem for p in book.notebooks(["05", "00"])] == ["05_c", "00_a"]
+    assert [p.stem for p in book.notebooks(["0", "05"])] == ["00_a", "01_b", "05_c"]
