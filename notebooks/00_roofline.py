@@ -183,9 +183,11 @@ print(f"ridge point of the measured ceilings: {ridge_measured:,.0f} FLOP per byt
 
 # %% [markdown]
 # **The ceilings used below.** On a GPU, the two measured numbers. On this H200 the copy reached
-# 4,273 GB/s (89% of the sheet's 4,800) and the best matmul 714 TFLOP/s at n = 4096 (72% of the
-# sheet's 989; the larger sizes were not faster), a measured ridge of 167 FLOP/B, about half the
-# sketch's 303. On a CPU they describe a machine no one serves LLMs on (its "matmul peak" is a few
+# 4,273 GB/s (89% of the sheet's 4,800) and the best matmul 686.7 TFLOP/s at n = 16384 (69% of
+# the sheet's 989; the medians of the three sizes lie within 1%, 679-687), a measured ridge of 161
+# FLOP/B, about half the sketch's 303. The p20-p80 range of n = 4096 is wide (441-719 TFLOP/s): a
+# call takes 0.2 ms, and a few slow calls among the timed ones pull its 20th percentile down; the
+# notebook uses the medians. On a CPU they describe a machine no one serves LLMs on (its "matmul peak" is a few
 # small matmuls through one library call), so the roofline, the tables and the slider use a GPU's
 # data sheet instead: an H200 by default, any GPU of `labutils.hardware.SPECS` through the slider
 # of section 6.
@@ -214,11 +216,11 @@ print(f"ceilings used below: {roof_name}: {bw:,.0f} GB/s, {peak:,.1f} TFLOP/s ->
 # weights:
 #
 # - **prefill** processes the T prompt tokens together: 2NT FLOPs for ~2N bytes (bf16), intensity
-#   ≈ T. A prompt of a couple of hundred tokens is already past the ridge (167 FLOP/B here) and
+#   ≈ T. A prompt of a couple of hundred tokens is already past the ridge (161 FLOP/B here) and
 #   compute-bound; at T = 2k the table below prints 1,971-2,201 FLOP/B.
 # - **decode** produces one token per sequence per step: at batch 1, 2N FLOPs for 2N bytes,
 #   intensity ≈ **1 FLOP/byte** (your `matmul_intensity` at B = 1; 1.00-1.16 in the table), about
-#   150 times below the ridge of 167. Decode speed is set by bandwidth alone:
+#   140-160 times below the ridge of 161. Decode speed is set by bandwidth alone:
 #   tokens/s ≤ W / (weight bytes).
 #
 # The table applies this to every architecture in `labutils.configs` (their published shapes; the
@@ -247,14 +249,14 @@ print(intensity.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
 # %% [markdown]
 # The last column is the fastest any batch-1 decoder can go for each model on these ceilings: the
 # time to read every weight (and the KV cache) once. On this H200 that is about 280-310 tok/s for
-# the 7-8B models (13-15 GB of weights), about 31 tok/s for the 70B ones and 14,606 tok/s for
+# the 7-8B models (13-15 GB of weights), about 31 tok/s for the 70B ones and 14,607 tok/s for
 # SmolLM2-135M. Notebook 02 builds a decode loop and measures how close it comes.
 #
 # ## 4. The roofline, with the models on it
 #
 # Each point sits on the roof at its intensity: that is the best it can do. Batch-1 decode points
 # pile up at the far left (I ≈ 1.0-1.2); batch 64 moves them to 12-52 FLOP/B (SmolLM2-135M lowest,
-# Qwen2.5-7B highest), still on the bandwidth slope below the ridge of 167; prefill points
+# Qwen2.5-7B highest), still on the bandwidth slope below the ridge of 161; prefill points
 # (≈ 2,100 FLOP/B) sit on the flat compute roof.
 
 # %%
@@ -364,18 +366,18 @@ print(f"\nQwen2.5-7B at context 1024: " + (f"compute-bound from batch {qwen_1k} 
                                             if qwen_1k else "memory-bound at every batch up to 4096"))
 
 # %% [markdown]
-# With no context the knee is at B = 168 for all four models, next to the ridge of 167 FLOP/B
-# (decode intensity ≈ B). Every cached token moves it right (Qwen2.5-7B: 168, 183, 201, 251, 499
+# With no context the knee is at B = 161 for all four models, at the ridge of 161 FLOP/B
+# (decode intensity ≈ B). Every cached token moves it right (Qwen2.5-7B: 161, 175, 192, 237, 445
 # from context 0 to 1024), and past the context of the last column it is gone: decode stays
 # memory-bound at any batch, and only a smaller cache per token helps (fewer KV heads per query
 # head, fewer bytes per cached value). The ranking follows the cache per token: Qwen2.5-7B (7
-# query heads per KV head, 56 KiB per token) keeps a knee up to about 1,540 tokens, Llama-3-8B and
-# Mistral-7B (4 per KV head, 128 KiB) up to about 700 and 670, Llama-2-7B (no sharing, 512 KiB)
-# only up to about 150: at context 256 it has none. The function below computes the bound on
+# query heads per KV head, 56 KiB per token) keeps a knee up to about 1,600 tokens, Llama-3-8B and
+# Mistral-7B (4 per KV head, 128 KiB) up to about 730 and 690, Llama-2-7B (no sharing, 512 KiB)
+# only up to about 160: at context 256 it has none. The function below computes the bound on
 # tokens/s as B grows for one model; the slider runs the same function, on this device or on any
 # GPU's data sheet. For Qwen2.5-7B at context 1024 the table shows decode memory-bound up to batch
-# 256 and compute-bound from 512 (the knee is 499), where the bound flattens at about 49,000
-# tok/s, 163 times the 301 tok/s of batch 1.
+# 256 and compute-bound from 512 (the knee is 445), where the bound flattens at about 47,000
+# tok/s, 157 times the 301 tok/s of batch 1.
 
 # %%
 def decode_vs_batch(batch: int = 1, context: int = 1024, gpu: str = roof_gpu, model: str = "Qwen2.5-7B"):
@@ -424,4 +426,5 @@ metrics = {"copy_gbps": copy_gbps, "matmul_bf16_tflops": matmul_bf16_tflops, "ri
            "copy_bytes": copy["nbytes"], "matmul_rows": rows, "bounds_from": roof_name,
            "decode_bound_tok_s_bs1": dict(zip(intensity["model"], intensity["decode bound (tok/s, b=1)"])),
            "decode_knee_batch": {r["model"]: {str(c): r[f"ctx {c}"] for c in CONTEXTS} for r in knees.to_dict("records")}}
-print(save_results("00_roofline", metrics, dtype=torch.bfloat16))
+path = save_results("00_roofline", metrics, dtype=torch.bfloat16)
+print(f"wrote {path.parent.name}/{path.name}")  # relative: the same on every machine

@@ -28,13 +28,12 @@
 #    sequence, so the FLOPs per token grow with the length and the total FLOPs at least
 #    quadratically (log-log slope 2.01 to 2.33 between 128 and 8192 tokens for this model). The
 #    measured time does not follow at first. On the H200 of this run a step with naive attention
-#    costs 40-49 ms from 128 to 2048 tokens, almost whatever the length: a 135M-parameter model is
-#    bound by kernel-launch and Python overhead, so the total time grows linearly (slope
-#    0.98-1.10). The quadratic term becomes
-#    visible only with naive attention, from 4096 tokens (92 ms a step, total slope 1.36 from 2048
-#    to 4096), and dominates at 8192 (351 ms a step, per-step slope 1.93, total slope 2.27).
-#    With PyTorch's fused attention a step stays at 33-42 ms up to 8192 tokens (total slope at
-#    most 1.03). Section 5 measures this.
+#    costs 22-30 ms at every length from 128 to 2048 tokens: a 135M-parameter model is bound by
+#    kernel-launch and Python overhead, so the total time grows about linearly (slope 0.87-1.06).
+#    The quadratic term becomes visible only with naive attention, from 4096 tokens (93 ms a step,
+#    3.3 times the step at 2048), and dominates at 8192 (352 ms a step, per-step slope 1.92, total
+#    slope 2.61 from 4096 to 8192). With PyTorch's fused attention a step stays at 16-19 ms up to
+#    8192 tokens (total slope at most 1.05). Section 5 measures this.
 #
 # The decoder has three narrow seams (attention function, KV cache, linear layers) through which
 # the later notebooks plug in their techniques, so there is only ever one model.
@@ -344,7 +343,7 @@ def step_cost(seq_len: int, backend: str = "naive") -> dict:
     check_fits(seq_len, backend)
     model = fast.set_attention(backend)
     x = torch.randint(0, cfg["vocab_size"], (1, seq_len), device=device)
-    t = time_fn(lambda: model(x, last_only=True), rep_ms=pick(200, 50))
+    t = time_fn(lambda: model(x, last_only=True), rep_ms=pick(200, 50), min_reps=pick(7, 3))  # >= 7 runs even where a step takes 0.3 s
     pre = roofline.prefill(cfg, seq_len, dtype_bytes)
     bound_ms = 1e3 * max(pre["bytes"] / (bw * 1e9), pre["flops"] / (peak * 1e12))
     return {"seq_len": seq_len, "backend": backend, "ms": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms,
@@ -357,7 +356,7 @@ def hf_generate_cost(seq_len: int, n: int = 4) -> dict:
     x = torch.randint(0, cfg["vocab_size"], (1, seq_len), device=device)
     gen = lambda: hf_fast.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,  # noqa: E731
                                    do_sample=False, use_cache=False, pad_token_id=tok.eos_token_id)
-    t = time_fn(gen, warmup_ms=0, rep_ms=pick(200, 20), min_reps=2)
+    t = time_fn(gen, warmup_ms=0, rep_ms=pick(200, 20), min_reps=pick(5, 2))
     return {"seq_len": seq_len, "backend": "HF generate(use_cache=False)", "ms": t.median_ms / n,
             "p20": t.p20_ms / n, "p80": t.p80_ms / n}
 
@@ -390,9 +389,11 @@ show(fig)
 # Integrating the measured curve (trapezoids between the measured lengths) and taking the slope of
 # log(total) against log(n) shows how the bill grows, beside the same slope of the FLOP model
 # (exercise 3) and the per-step slopes. If a step's time grew as n^a over the whole range, the
-# total would grow as n^(a+1); between two measured lengths the total's slope stays below the
-# step's plus one, because the total still holds all the cheaper, shorter steps (naive, 4096 to
-# 8192 tokens: step 1.93, total 2.27).
+# total would grow as n^(a+1). Between two measured lengths where the step grows with the length,
+# the total's slope stays below the step's plus one, because the total still holds all the
+# cheaper, shorter steps (naive, 4096 to 8192 tokens: step 1.92, total 2.61, below 2.92); where the
+# step gets shorter, the total's slope is above the step's plus one (naive, 128 to 256 tokens:
+# step −0.40, total 0.91).
 
 # %%
 slopes = {}
@@ -420,28 +421,37 @@ print(f"naive: the step grows {grow:.1f}x from {lengths[-2]} to {lengths[-1]} to
       f"{slopes['naive']['total'][-1]:.2f} between them.")
 
 # %% [markdown]
-# Reading the numbers (H200, bf16). From 128 to 2048 tokens a naive step takes 40-49 ms, an SDPA
-# step 33-41 ms and HF's `generate(use_cache=False)` 36-45 ms per token (128 to 4096; at 8192 the
-# context has no room for 4 more tokens), while the roofline bound of a step grows from 0.06 to
-# 1.0 ms (bound / measured 0.002 to 0.02). Where the step time does not change with the length, a
-# step is bound by **overhead**, not by the work: 30 layers of small kernels, each launched from
-# Python, cost a fixed time far above the roofline bound of the step (notebook 02 removes most of
-# it with CUDA graphs). The per-step slopes of naive attention up to 2048 tokens (−0.08 to 0.21) and
-# of SDPA at all lengths (−0.27 to 0.31) are within the p20-p80 spread of the timings. Generating
-# n tokens then costs n times that constant: a measured total slope of 0.98-1.10 (naive, up to
-# 2048 tokens) and 0.92-1.03 (SDPA, up to 8192), although the FLOPs grow with slope 2.01-2.33.
+# Reading the numbers (H200, bf16; medians, with their p20-p80 spread in the table above). From 128
+# to 2048 tokens a naive step takes 22.5-29.7 ms, an SDPA step 16.1-18.6 ms and HF's
+# `generate(use_cache=False)` 19.2-20.9 ms per token (128 to 4096; at 8192 the context has no room
+# for 4 more tokens), while the roofline bound of a step grows from 0.06 to 1.0 ms (bound / measured
+# 0.002 to 0.04). Where the step time barely changes with the length, a step is bound by
+# **overhead**, not by the work: 30 layers of small kernels, each launched from Python, cost a fixed
+# time far above the roofline bound of the step (notebook 02 removes most of it with CUDA graphs).
+# The SDPA step stays within 16.1-19.3 ms at all lengths (per-step slopes −0.21 to 0.18), and the
+# naive step's slopes from 256 to 2048 tokens are 0.07 to 0.16, while a step's FLOPs grow with a
+# slope between 1 and 2. Both lab backends are slower at 128 tokens than at 256 (naive 29.7 against
+# 22.5 ms, SDPA 18.6 against 16.1 ms, beyond the p20-p80 spread), which no count of the work
+# explains; it makes the first per-step slopes negative. Generating n tokens then costs about n
+# times that constant: a measured total slope of 0.87-1.06 (naive, up to 2048 tokens) and
+# 0.93-1.05 (SDPA, up to 8192), although the FLOPs grow with slope 2.01-2.33.
 #
 # The work shows in the time only once a step's share of it exceeds the overhead. On a model this
 # small that happens only with naive attention, whose fp32 score matrix (n_head × n × n: 9 × 8192²
 # ≈ 6.0 × 10⁸ values, 2.4 GB per layer at 8192 tokens) is written and read several times per
-# layer. Its step rises a little at 1024-2048 tokens (47-49 ms against 40-42 ms at 128-512, about
-# the size of the timing spread), then clearly: 92 ms at 4096 (per-step slope 0.90 from 2048) and
-# 351 ms at 8192 (slope 1.93, close to the 2 of the score matrix alone), and the total's slope
-# climbs to 1.36 and then 2.27. The quadratic term thus becomes visible from 4096 tokens and
-# dominates at 8192, where a step takes 8.3 times as long as at 128 for 129 times the FLOPs. (At
-# 4096 and 8192 the p20 and p80 of the naive step coincide: only one or two runs fit in the timing
-# budget.) Even at 8192 tokens the roofline bound, 6.3 ms, is 1.8% of the measured step: it counts
-# the step's FLOPs at the bf16 peak and the bytes of weights and KV, not the traffic of the
+# layer. Its step rises slowly from 256 to 2048 tokens (22.5 to 28.0 ms, more than the timing spread
+# at either end), then steeply: 93 ms at 4096 (3.3 times the 2048 step, per-step slope 1.74) and
+# 352 ms at 8192 (slope 1.92, close to the 2 of the score matrix alone), and the total's slope
+# climbs to 1.73 and then 2.61. The quadratic term thus becomes visible from 4096 tokens, where the
+# step grows by 65 ms over the 2048 step, more than twice that whole step, and dominates at 8192,
+# where a step takes 11.9 times as long as at 128 (15.7 times the fastest step, at 256) for 129
+# times the FLOPs. Between 4096 and 8192 the measured total even grows faster than the FLOP model's
+# (slope 2.61 against 2.33): the naive step's time there is mostly the n² traffic of the score
+# matrix, while a step's FLOPs still hold the weights' linear 2NL term (attention's L² term
+# overtakes it only from L = 7,782), so they grow with a slope of about 1.4, not 1.92. (From 2048
+# tokens on, the naive step's p20-p80 spread is under 0.4% of its median; below that it reaches
+# 13%, at 1024.) Even at 8192 tokens the roofline bound, 6.6 ms, is 1.9% of the measured step: it
+# counts the step's FLOPs at the bf16 peak and the bytes of weights and KV, not the traffic of the
 # materialised score matrix nor the fp32 matmuls of naive attention, which is where that step's
 # time goes (FlashAttention, notebook 03, keeps the matrix on chip). A larger model, or a batch of
 # sequences, would make every step's work larger than its overhead, and then the no-cache bill
@@ -486,4 +496,5 @@ metrics = {
     "ceilings": ceil,
     "timing_dtype": str(dtype).removeprefix("torch."),
 }
-print(save_results("01_naive_attention", metrics, dtype=dtype, model=hf.config.name_or_path))
+path = save_results("01_naive_attention", metrics, dtype=dtype, model=hf.config.name_or_path)
+print(f"wrote {path.parent.name}/{path.name}")  # relative: the same on every machine

@@ -29,7 +29,8 @@
 #    tokens/s ≤ bandwidth / bytes. Then it builds a **decode engine** that approaches that limit,
 #    one overhead at a time, on a Qwen2.5-7B **shape twin** (its exact architecture with random
 #    weights: right for speed, meaningless for text), starting from Hugging Face `generate` (in the
-#    run shown, on an H200: from 25.8 tok/s to 232.6 tok/s, 77% of the limit);
+#    run shown, on an H200, medians: from 50 tok/s, with a wide spread between runs, to 235 tok/s,
+#    78% of the limit);
 # 5. sweeps the batch size towards the point where decoding stops being memory-bound.
 
 # %%
@@ -366,19 +367,20 @@ show(fig)
 # cache's bytes per step, small next to the weights: 470 MB at n = 8,192, 3.3% of the 14.14 GB of
 # weights a step reads (printed below), and 1.75 GiB, about 13%, at the model's full 32,768
 # (section 3's table). With the cache, a step of this eager loop shows no trend with the context:
-# its medians lie between 31.9 and 47.3 ms from 128 to 8,192 tokens, ten times or more the 3.3 ms
+# its medians lie between 19.25 and 20.11 ms from 128 to 8,192 tokens (the small differences, and
+# the wide range at 128 tokens, 19.0-25.8 ms, are run-to-run noise), about six times the 3.31 ms
 # that one step's memory traffic takes (section 5). It is bound by launching small kernels from
 # Python (counted in section 5), not by the weights or the cache. Without the cache the step grows
-# with n once the n-token forward's FLOPs outweigh that fixed launch cost: 29.7 ms at 128 tokens,
-# 33.6 ms at 1,024, 113 ms at 4,096 and
-# 230 ms at 8,192 (about ∝ n between the last two, 5.6x the cached step), and a generation pays
-# that growing price at every step. Where both are launch-bound (short contexts), the uncached step
-# can even be the cheaper one, as it measured at 128 tokens (29.7 against 43.2 ms) and at 512 (the
-# slider's line: 25.5 against 26.5 ms): the cached step launches more kernels per layer (the two
-# cache writes, and the causal mask over the cache that its attention needs). Those few launches
-# per layer can explain a gap of a millisecond or a few, like the one at 512 tokens, not 13.5 ms:
-# eager timings of a launch-bound GPU also move with the CPU's load (the ranges above, and the
-# cached step's medians, which are not ordered by n); section 5's captured steps do not.
+# with n once the n-token forward's FLOPs outweigh that fixed launch cost (medians; the table gives
+# the ranges, all narrow): 15.4 ms at 128 tokens, 28.7 ms at 1,024, 110 ms at 4,096 and 227 ms at
+# 8,192 (about ∝ n between the last two, 11.8x the cached step), and a generation pays that
+# growing price at every step. Where both are launch-bound (short contexts), the uncached step can
+# even be the cheaper one, as it measured at 128 tokens (15.4 against 20.1 ms) and at 512 (the
+# slider's line, a single measurement: 16.5 against 19.5 ms): the cached step launches more
+# kernels per layer (the two cache writes, and the causal mask over the cache that its attention
+# needs), and a few more launches in each of 28 layers, at roughly 17 us each (section 5), add up
+# to milliseconds. Eager timings of a launch-bound GPU also move with the CPU's load (the ranges
+# above); section 5's captured steps do not.
 
 # %%
 kv_tok = roofline.kv_bytes_per_token(tcfg, twin_dtype_bytes)
@@ -442,7 +444,7 @@ bound_ok = check("decode_tok_s_memory_bound", decode_tok_s_memory_bound)
 # reads it from 00's results of the same device, and measures only when there are none; 4,273 GB/s
 # on the H200 of the run shown). A looser convention divides W by the whole model, embedding table
 # included; both ratios are printed (for the Qwen2.5-7B twin in bf16: 14.15 GB read per step, so
-# 302.1 tok/s, against 15.23 GB of model, 280.5 tok/s).
+# 302.1 tok/s, against 15.23 GB of model, 280.6 tok/s).
 
 # %%
 ceil = ceilings()
@@ -468,10 +470,11 @@ twin_ids = torch.randint(0, tcfg["vocab_size"], (1, prompt_len), device=device)
 # | `eager` | the dynamic cache (static cache: no allocation, fixed shapes) |
 # | `graph` | the kernel launches Python makes per token (counted below): the step is captured once in a CUDA graph and replayed |
 # | `compile` | small kernels: Inductor fuses norms, RoPE, SwiGLU and residuals inside each decoder layer (one layer compiled and reused by all of them, so compiling costs about one layer's time) |
-# | `+ fused + GEMV` | short matmuls: q/k/v and gate/up concatenated into single passes, and a Triton matrix-vector kernel (`labutils/gemv.py`) through the linear-layer seam |
+# | `compile + fused` | short matmuls: q/k/v and gate/up concatenated into single passes (still cuBLAS) |
+# | `compile + fused + GEMV` | cuBLAS's matrix-vector kernel: a Triton one (`labutils/gemv.py`) takes its place through the linear-layer seam |
 #
 # Each stage decodes `n_decode` tokens several times after a warm-up (which also captures and
-# compiles); the table gives the median and the 20th-80th percentiles. The baseline is HF
+# compiles); the lines printed give the median and the 20th-80th percentiles. The baseline is HF
 # transformers' `generate` with its default dynamic cache. (transformers can also compile its own
 # forward when given a static cache; that variant spends most of its time compiling and is left out
 # to keep this notebook's GPU time short.)
@@ -534,6 +537,7 @@ if has_cuda():  # how many GPU operations does one eager step launch?
     del probe
 
 stages = {"eager": lambda: lab, "graph": lambda: lab, "compile": lambda: Decoder.from_hf(twin),
+          "compile + fused": lambda: Decoder.from_hf(twin).fuse_projections(),
           "compile + fused + GEMV": lambda: Decoder.from_hf(twin).fuse_projections().swap_linears(
               lambda name, lin: GemvLinear(lin))}
 for stage in pick(list(stages), ["eager"]):
@@ -564,19 +568,23 @@ fig.update_layout(title=f"Batch-1 decode, {twin_arch} shape twin ({str(twin_dtyp
 show(fig)
 
 # %% [markdown]
-# What each stage bought, read off the bars and the lines below (H200, medians). The eager loop is
-# bound by Python and kernel launches, not by the GPU: 22.9 tok/s, a 43.6 ms step against 3.31 ms of
-# memory traffic (13.2x), spread over 1,430 GPU operations (~31 us each); HF's `generate` with its
-# dynamic cache is in the same regime, 25.8 tok/s (8.6% of the bytes-read roofline, with a wide
-# spread between runs). Replaying a CUDA graph makes the CPU's cost per token one launch: 148.3
-# tok/s, 6.47x the eager stage, 49.1% of the roofline. Compiling fuses the small elementwise kernels
-# that sat between the matmuls: 183.4 tok/s, 1.24x, 60.7%. The rest comes from the matmuls
-# themselves: at batch 1 each is a single pass over a weight matrix, and a short pass spends a
-# noticeable share of its time ramping up and down; concatenating q/k/v and gate/up makes fewer,
-# longer passes, and the Triton kernel is meant to stream the large ones (the lm_head above all)
-# closer to the copy bandwidth than cuBLAS's matrix-vector kernel. Together they bring 232.6 tok/s,
-# 1.27x the compile stage: 77.0% of the bytes-read roofline, 82.9% of W / model bytes, and 9.0x HF
-# `generate` (this notebook measures the two changes together, not each on its own).
+# What each stage bought, read off the bars and the lines below (H200, medians; the lab stages'
+# p20-p80 spreads are under 1%, so the ratios between them are well above the noise). The eager
+# loop is bound by Python and kernel launches, not by the GPU: 42.0 tok/s (13.9% of the bytes-read
+# roofline), a 23.8 ms step against 3.31 ms of memory traffic (7.2x), spread over 1,430 GPU
+# operations (~17 us each). HF's `generate` with its dynamic cache is in the same regime: its median,
+# 50.0 tok/s (16.6%), is a little above the lab's eager loop, but its runs spread widely (p20-p80
+# 31.2-51.5 tok/s), so the two are not told apart here. Replaying a CUDA graph makes the CPU's cost
+# per token one launch: 148.6 tok/s, 3.54x the eager stage, 49.2% of the roofline. Compiling fuses
+# the small elementwise kernels that sat between the matmuls: 196.9 tok/s, 1.32x, 65.2%. The rest
+# comes from the matmuls themselves: at batch 1 each is a single pass over a weight matrix, and a
+# short pass spends a noticeable share of its time ramping up and down. Concatenating q/k/v and
+# gate/up makes fewer, longer cuBLAS passes (`compile + fused`): 213.3 tok/s, 1.08x, 70.6%. The
+# Triton kernel is meant to stream the matrices (the lm_head above all) closer to the copy
+# bandwidth than cuBLAS's matrix-vector kernel, and in their place it brings another 1.10x:
+# 235.4 tok/s, 77.9% of the bytes-read roofline, 83.9% of W / model bytes. Together the two matmul
+# changes give 1.20x over the compile stage, in two steps of about the same size; the whole engine
+# is 5.6x its eager stage and 4.7x HF `generate`'s median.
 
 # %%
 traffic_ms = 1e3 / roofline_tok_s_bytes_read
@@ -595,8 +603,9 @@ print(f"best lab stage / HF generate (dynamic cache): {engine_bs1_tok_s / hf_gen
 # A batch of B sequences shares each read of the weights, so tokens/s should grow ~B× for free
 # until compute (or the per-sequence KV reads) takes over. The sweep uses the CUDA-graph engine
 # with fused projections (cuBLAS matmuls: with B > 1 rows the GEMV kernel hands over to cuBLAS),
-# capturing one graph per batch size. The bound is the roofline of notebook 00: the slower of the
-# memory bound of exercise 3 and the matmul peak (`roofline.decode_tok_s_bound`).
+# capturing one graph per batch size; it is not compiled, so at batch 1 it is faster than section
+# 5's `graph` stage and slower than its compiled ones. The bound is the roofline of notebook 00:
+# the slower of the memory bound of exercise 3 and the matmul peak (`roofline.decode_tok_s_bound`).
 
 # %%
 swept = Decoder.from_hf(twin).fuse_projections() if has_cuda() else lab
@@ -633,17 +642,17 @@ show(fig)
 
 # %% [markdown]
 # While decoding is memory-bound, the measured line climbs almost in step with the bound: B
-# sequences ride on the same weight reads (161 tok/s at batch 1, 8,670 at batch 64, about 3.8x per
-# 4x of batch), and the share of the bound falls only slowly, from 53% to 46%, as matmuls with more
-# rows and the per-sequence attention take longer. Decode's arithmetic intensity is ≈ B FLOP/byte
-# in bf16 while the weights dominate the bytes (the table's FLOP/byte column: 1.00, 4.00, 15.9,
-# 62.6), and falls below B as the KV reads grow (233 at B = 256, 734 at 1,024). The roofline turns
-# where it reaches the ridge point (167 FLOP/byte here), between batch 64 and 256; past it the
-# bound is the tensor cores, and the measured line bends with it (2.69x from 64 to 256, then 1.20x
-# and 1.10x per doubling), at 46-61% of the 714 TFLOP/s matmul peak (skinny matmuls of a few
-# hundred rows, plus attention and norms that do not use the tensor cores). The lines below read
-# these off the table. Longer contexts push the turn further out (more KV bytes per sequence).
-# Serving systems (notebook 06) live in that region.
+# sequences ride on the same weight reads (163 tok/s at batch 1, 8,719 at batch 64, about 3.7-3.8x
+# per 4x of batch; medians, with p20-p80 spreads under 0.1%), and the share of the bound falls only
+# slowly, from 54% to 46%, as matmuls with more rows and the per-sequence attention take longer.
+# Decode's arithmetic intensity is ≈ B FLOP/byte in bf16 while the weights dominate the bytes (the
+# table's FLOP/byte column: 1.00, 4.00, 15.9, 62.6), and falls below B as the KV reads grow (233 at
+# B = 256, 734 at 1,024). The roofline turns where it reaches the ridge point (161 FLOP/byte here),
+# between batch 64 and 256; past it the bound is the tensor cores, and the measured line bends with
+# it (2.69x from 64 to 256, then 1.21x and 1.09x per doubling), at 48-64% of the 687 TFLOP/s matmul
+# peak (skinny matmuls of a few hundred rows, plus attention and norms that do not use the tensor
+# cores). The lines below read these off the table. Longer contexts push the turn further out
+# (more KV bytes per sequence). Serving systems (notebook 06) live in that region.
 
 # %%
 first, last = sweep.iloc[0], sweep.iloc[-1]

