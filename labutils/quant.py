@@ -12,6 +12,10 @@ INT4   asymmetric per group of G (128) along K: s = (max - min) / 15, zero    0.
        z = round(-min / s) in [0, 15], q = clamp(round(W / s) + z, 0, 15);    (0.523 at G = 128)
        W ~ (q - z) s. fp16 s and uint8 z per group. The range is widened to
        contain 0 (as GPTQ does): z always fits and 0 is exact.
+       ``offset=True``: a float offset m per group instead of z (llama.cpp's   0.5 + 4/G
+       Q4_1): m = the group's min (rounded down), s = (max - m) / 15,
+       q = round((W - m) / s), W ~ q s + m. 0 need not be exact; the 16
+       levels span the group's own range.
 NF4    QLoRA's NormalFloat: 16 levels at quantiles of N(0, 1) scaled to      0.5 + 2/B
        [-1, 1] (exact 0), one absmax per block of B (64) along K:            (0.531 at B = 64;
        W ~ NF4_CODE[q] * absmax, q the nearest level.                         bitsandbytes: 0.5625,
@@ -99,7 +103,9 @@ class _QuantLinear(nn.Module):
         return self.qweight.nbytes + (0 if self.in_scale is None else self.in_scale.numel() * self.in_scale.element_size())
 
     def extra_repr(self):
-        meta = "".join(f", {k}={v}" for k, v in self._meta.items())
+        meta = "".join(f", {k}={v}" for k, v in self._meta.items() if v is not None)
+        if "offset" in self._buffers:
+            meta += ", float offsets"
         return (f"in_features={self.in_features}, out_features={self.out_features}{meta}, "
                 f"bias={self.bias is not None}, awq={self.in_scale is not None}")
 
@@ -123,7 +129,8 @@ class Int4Linear(_QuantLinear):
     quantize = staticmethod(quantize_int4)
 
     def forward(self, x):
-        return torch.ops.labutils.w4a16_linear(x, self.packed, self.scale, self.zero, None, self.in_scale,
+        zero = self._buffers["offset"] if "offset" in self._buffers else self.zero  # float offsets or zero points
+        return torch.ops.labutils.w4a16_linear(x, self.packed, self.scale, zero, None, self.in_scale,
                                                 self.bias, self._meta["group_size"])
 
 

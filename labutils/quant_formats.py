@@ -1,5 +1,5 @@
-"""Weight-only quantization formats (notebook 04): INT8 per output channel, INT4 per group with a
-zero point, NF4 per block with an absmax; their quantizers, 4-bit packing (two codes per uint8 along
+"""Weight-only quantization formats (notebook 04): INT8 per output channel, INT4 per group with an
+integer zero point or a float offset, NF4 per block with an absmax; their quantizers, 4-bit packing (two codes per uint8 along
 K, element 2j in the low nibble) and dequantization. The formats are described in labutils.quant;
 the kernels that multiply by them are in labutils.kernels.quant.
 """
@@ -130,14 +130,24 @@ class _Packed4(_QWeight):
 
 @dataclass
 class Int4Weight(_Packed4):
+    """INT4 per group of ``group_size`` along K, in one of two grids: with an integer zero point z
+    (``zero``), W ~ (q - z) s, where 0 is exact; or with a float offset m (``offset``, ``zero`` None),
+    W ~ q s + m, the grid of llama.cpp's Q4_1 (m: the group's minimum), which need not hold 0."""
     packed: torch.Tensor  # (N, K/2) uint8, two codes per byte
     scale: torch.Tensor  # (N, ceil(K/G))
-    zero: torch.Tensor  # (N, ceil(K/G)) uint8 in [0, 15]
+    zero: torch.Tensor | None  # (N, ceil(K/G)) uint8 in [0, 15], or None with an offset
     group_size: int
+    offset: torch.Tensor | None = None  # (N, ceil(K/G)) float, the value of code 0
+
+    def __post_init__(self):
+        if (self.zero is None) == (self.offset is None):
+            raise ValueError("Int4Weight needs exactly one of zero (integer zero points) and offset (float offsets)")
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         K, G = self.shape[1], self.group_size
         q = unpack_int4(self.packed).float()  # (N, K)
+        if self.offset is not None:
+            return (q * _expand(self.scale, G, K) + _expand(self.offset, G, K)).to(dtype)
         return ((q - _expand(self.zero, G, K)) * _expand(self.scale, G, K)).to(dtype)
 
 
@@ -164,10 +174,16 @@ def quantize_int8(W: torch.Tensor, scale_dtype=torch.float16) -> Int8Weight:
 
 
 @torch.no_grad()
-def quantize_int4(W: torch.Tensor, group_size: int = 128, scale_dtype=torch.float16) -> Int4Weight:
-    """Asymmetric INT4 per group of ``group_size`` along K: |W - deq| <= scale / 2 in each group."""
+def quantize_int4(W: torch.Tensor, group_size: int = 128, scale_dtype=torch.float16, offset: bool = False) -> Int4Weight:
+    """Asymmetric INT4 per group of ``group_size`` along K: |W - deq| <= scale / 2 in each group.
+
+    ``offset=False``: an integer zero point, the range widened to contain 0. ``offset=True``: a float
+    offset m per group, stored in ``scale_dtype`` rounded *down* from the group's minimum, and
+    s ~ (max - m) / 15 with m + 15 s >= max, so the 16 levels span the group's own range (Q4_1's grid)."""
     _check(W, group_size)
     N, K = W.shape
+    if offset:
+        return _quantize_int4_offset(W, group_size, scale_dtype)
     Wg = _groups(W.detach(), group_size)  # (N, n_groups, G); zero padding leaves [min, max] as it is
     lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)  # the range always contains 0
     s = _store_scale((hi - lo) / 15, scale_dtype)  # (N, n_groups)
@@ -175,6 +191,44 @@ def quantize_int4(W: torch.Tensor, group_size: int = 128, scale_dtype=torch.floa
     z = torch.round(-lo / sf).clamp_(0, 15)  # (N, n_groups)
     q = (torch.round(Wg / sf[..., None]) + z[..., None]).clamp_(0, 15)
     return Int4Weight(pack_int4(q.view(N, -1)[:, :K]), s, z.to(torch.uint8), group_size)
+
+
+def _round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 values in ``dtype``, rounded towards -inf (never above v)."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"scale_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
+    vt = v.to(dtype)
+    if not torch.isfinite(vt).all():
+        raise ValueError(f"a group's minimum of {v.min().item():.3g} does not fit scale_dtype={dtype}: "
+                         f"pass scale_dtype=torch.float32")
+    return torch.where(vt.float() > v, torch.nextafter(vt, torch.full_like(vt, -float("inf"))), vt)
+
+
+def _quantize_int4_offset(W: torch.Tensor, group_size: int, scale_dtype) -> Int4Weight:
+    """Q4_1's grid: m the group's minimum rounded down to ``scale_dtype``; s the nearest value of
+    (max - m) / 15, one step up where the top level m + 15 s (in fp32, as the kernels compute it)
+    would fall short of the group's maximum. A weight stored in this grid comes back exactly."""
+    N, K = W.shape
+    n_groups = -(-K // group_size)
+    Wf = W.detach().float()
+    pad = n_groups * group_size - K  # a short last group: padded with its own last value, not 0
+    Wg = (torch.cat([Wf, Wf[:, -1:].expand(N, pad)], 1) if pad else Wf).view(N, n_groups, group_size)
+    lo, hi = Wg.amin(-1), Wg.amax(-1)
+    m = _round_down(lo, scale_dtype)  # (N, n_groups) the value of code 0, <= every weight
+    fi = torch.finfo(scale_dtype)
+    s_raw = (hi - m.float()) / 15
+    s_raw = torch.where(s_raw > 0, s_raw.clamp_min(fi.tiny * fi.eps), s_raw)  # a range below one step: one step
+    s = torch.where(s_raw > 0, s_raw, fi.tiny * fi.eps).to(scale_dtype)  # nearest (an all-equal group: any s > 0)
+    _store_scale(s_raw, scale_dtype)  # only its checks: a scale past the dtype's range raises
+    for _ in range(4):  # m + 15 s must reach the maximum (fp32, as dequantized); one step up usually does
+        short = m.float() + 15 * s.float() < hi
+        if not short.any():
+            break
+        s = torch.where(short, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+    else:
+        raise ValueError("INT4 offset format: could not cover a group's range in scale_dtype; pass scale_dtype=torch.float32")
+    q = torch.round((Wg - m.float()[..., None]) / s.float()[..., None]).clamp_(0, 15)
+    return Int4Weight(pack_int4(q.view(N, -1)[:, :K]), s, None, group_size, offset=m)
 
 
 @torch.no_grad()

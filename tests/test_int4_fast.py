@@ -152,6 +152,8 @@ def test_more_rows_fall_back_and_leading_dims():
 # ---- bad input ------------------------------------------------------------------------------------------------
 def test_bad_input_raises_clear_errors():
     W = weight(16, 128)
+    with pytest.raises(NotImplementedError, match="float offsets"):
+        F4.pack_int4(Q.quantize_int4(W, 64, offset=True))
     with pytest.raises(ValueError, match="must divide K"):
         F4.pack_int4(weight(16, 96), 64)
     with pytest.raises(ValueError, match="power of two"):

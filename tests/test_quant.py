@@ -95,6 +95,58 @@ def test_int4_round_trip(N, K):
         "smaller groups should give a smaller error"
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_int4_offset_round_trip(N, K, scale_dtype):
+    """Float offsets: code 0 at m <= the group's minimum, code 15 at m + 15 s >= its maximum (both in
+    fp32, as the kernels dequantize), so |W - deq| <= s / 2; no zero point, 4 bytes per group."""
+    G = 64
+    W = gaussian(N, K)
+    W[0] = 0.3 + 0.01 * torch.rand(K)  # all positive, far from 0: the integer grid would waste its codes
+    W[-1, :G] = 0.125  # a constant group
+    q = Q.quantize_int4(W, G, scale_dtype=scale_dtype, offset=True)
+    n_groups = math.ceil(K / G)
+    assert q.zero is None and q.offset.shape == q.scale.shape == (N, n_groups)
+    assert q.offset.dtype == q.scale.dtype == scale_dtype
+    deq = q.dequantize()
+    s = q.scale.float().repeat_interleave(G, 1)[:, :K]
+    err = (W - deq).abs()
+    assert torch.all(err <= s / 2 * (1 + 1e-6)), f"max error / (scale/2) = {(err / (s / 2)).max():.4f} > 1"
+    Wg = torch.cat([W, W[:, -1:].expand(N, -K % G)], 1).view(N, n_groups, G)
+    m, top = q.offset.float(), q.offset.float() + 15 * q.scale.float()
+    assert torch.all(m <= Wg.amin(-1)) and torch.all(top >= Wg.amax(-1))
+    assert torch.all(err[-1, :G] == 0), "a constant group comes back exactly"
+    row0 = Q.quantize_int4(W[:1], G, scale_dtype=scale_dtype, offset=True)
+    assert Q.quant_error(W[:1], row0) < Q.quant_error(W[:1], Q.quantize_int4(W[:1], G)) / 5, \
+        "on an all-positive row the offset grid should be far finer than one widened to contain 0"
+    assert q.nbytes == N * K // 2 + N * n_groups * 2 * scale_dtype.itemsize
+
+
+def test_int4_offset_recovers_a_q4_1_grid_exactly():
+    """Weights stored as Q4_1 (fp16 d and m per 32, codes 0-15, dequantized in fp32), quantized again
+    with float offsets at the same group size: the same codes, scales and offsets, the same weights."""
+    g = torch.Generator().manual_seed(3)
+    N, K, G = 48, 320, 32
+    d = (torch.rand(N, K // G, generator=g) * 0.01 + 1e-4).half()
+    m = (torch.randn(N, K // G, generator=g) * 0.05).half()
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    codes[:, ::G], codes[:, 1::G] = 0, 15  # every group uses both ends of the grid, as Q4_1's do
+    W = codes.float() * d.float().repeat_interleave(G, 1) + m.float().repeat_interleave(G, 1)
+    q = Q.quantize_int4(W, G, offset=True)
+    assert torch.equal(q.scale, d) and torch.equal(q.offset, m)
+    assert torch.equal(Q.unpack_int4(q.packed).long(), codes) and torch.equal(q.dequantize(), W)
+    qi = Q.quantize_int4(W, G)  # an integer zero point cannot hold m: the grid is lost
+    assert Q.quant_error(W, qi) > 1e-3 > Q.quant_error(W, q) == 0
+
+
+def test_int4_weight_needs_one_of_zero_and_offset():
+    q = Q.quantize_int4(gaussian(4, 64), 32)
+    with pytest.raises(ValueError, match="exactly one of zero"):
+        Q.Int4Weight(q.packed, q.scale, q.zero, 32, offset=q.scale)
+    with pytest.raises(ValueError, match="exactly one of zero"):
+        Q.Int4Weight(q.packed, q.scale, None, 32)
+
+
 @pytest.mark.parametrize("N,K", SHAPES)
 def test_nf4_round_trip(N, K):
     B = 64
@@ -160,16 +212,17 @@ def _linear(N, K, seed, W=None):
     return lin.requires_grad_(False)
 
 
-KW = {"int8": {}, "int4": {"group_size": 128}, "nf4": {"block_size": 64}}
+KW = {"int8": {}, "int4": {"group_size": 128}, "int4o": {"group_size": 128, "offset": True}, "nf4": {"block_size": 64}}
+MODULE = {"int8": Q.Int8Linear, "int4": Q.Int4Linear, "int4o": Q.Int4Linear, "nf4": Q.NF4Linear}  # int4o: float offsets
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4o", "nf4"])
 @pytest.mark.parametrize("N,K", SHAPES)
 def test_kernel_modules_against_dequantized_reference(N, K, fmt, dtype, rows, launches):
     lin = _linear(N, K, seed=N + K).to(dtype)
-    mod = Q.FORMATS[fmt].from_linear(lin, **KW[fmt])
+    mod = MODULE[fmt].from_linear(lin, **KW[fmt])
     assert mod.bias is lin.bias
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)).to(dtype)
     with torch.no_grad():
@@ -181,7 +234,7 @@ def test_kernel_modules_against_dequantized_reference(N, K, fmt, dtype, rows, la
     assert err <= KERNEL_TOL[dtype], f"{fmt} {dtype} rows={rows} ({N}, {K}): rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+@pytest.mark.parametrize("fmt", ["int4", "int4o", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("x_shape", [(1, 1, 200), (2, 3, 200), (40, 200)], ids=str)
 def test_awq_input_scale_inside_the_kernel(fmt, dtype, x_shape, launches):
@@ -189,7 +242,7 @@ def test_awq_input_scale_inside_the_kernel(fmt, dtype, x_shape, launches):
     N, K = 19, 200
     lin = _linear(N, K, seed=5).to(dtype)
     s = torch.rand(K, generator=torch.Generator().manual_seed(6)) * 4 + 0.25
-    mod = Q.FORMATS[fmt].from_linear(lin, act_scale=s, **KW[fmt])
+    mod = MODULE[fmt].from_linear(lin, act_scale=s, **KW[fmt])
     assert mod.in_scale is not None and torch.allclose(1 / mod.in_scale.float(), s, rtol=2 * FP16_ULP)
     x = torch.randn(x_shape, generator=torch.Generator().manual_seed(7)).to(dtype)
     with torch.no_grad():
@@ -202,12 +255,12 @@ def test_awq_input_scale_inside_the_kernel(fmt, dtype, x_shape, launches):
     assert norm_rel_err(y, plain) < 0.25  # without the in-kernel x / s it would be O(1)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4o", "nf4"])
 def test_many_rows_fall_back_and_no_bias(fmt, launches):
     N, K = 37, 256
     lin = _linear(N, K, seed=9)
     lin.bias = None
-    mod = Q.FORMATS[fmt].from_linear(lin, **KW[fmt])
+    mod = MODULE[fmt].from_linear(lin, **KW[fmt])
     x = torch.randn(2, 17, K, generator=torch.Generator().manual_seed(1))
     ref = F.linear(x.double(), mod.dequantize(torch.float64))
     with torch.no_grad():
@@ -224,21 +277,24 @@ def test_custom_ops_pass_opcheck():
     q8, q4, nf = Q.quantize_int8(W), Q.quantize_int4(W, 128), Q.quantize_nf4(W, 64)
     torch.library.opcheck(torch.ops.labutils.w8a16_linear, (x, q8.q, q8.scale, b))
     torch.library.opcheck(torch.ops.labutils.w4a16_linear, (x, q4.packed, q4.scale, q4.zero, None, None, b, 128))
+    qo = Q.quantize_int4(W, 128, offset=True)
+    torch.library.opcheck(torch.ops.labutils.w4a16_linear, (x, qo.packed, qo.scale, qo.offset, None, None, b, 128))
     torch.library.opcheck(torch.ops.labutils.w4a16_linear,
                           (x[:1], nf.packed, nf.absmax, None, Q.NF4_CODE, torch.rand(K).half() + 0.5, None, 64))
 
 
 def test_module_state_and_repr():
     lin = _linear(19, 256, seed=2)
-    for fmt in Q.FORMATS:
-        mod = Q.FORMATS[fmt].from_linear(lin, **KW[fmt])
+    for fmt in MODULE:
+        mod = MODULE[fmt].from_linear(lin, **KW[fmt])
         assert (mod.in_features, mod.out_features) == (256, 19)
         assert [n for n, _ in mod.named_parameters()] == ["bias"] and mod.bias is lin.bias
         assert "weight" not in dict(mod.named_buffers()), "the float weight must not be kept"
-        twin = Q.FORMATS[fmt](mod.qweight, lin.bias)
+        twin = MODULE[fmt](mod.qweight, lin.bias)
         twin.load_state_dict(mod.state_dict())
         assert torch.equal(twin.dequantize(), mod.dequantize())
-        assert fmt.replace("int", "Int").replace("nf4", "NF4") in type(mod).__name__ and "bias=True" in repr(mod)
+        assert fmt[:4].replace("int", "Int").replace("nf4", "NF4") in type(mod).__name__ and "bias=True" in repr(mod)
+        assert ("float offsets" in repr(mod)) == (fmt == "int4o") and "None" not in repr(mod)
 
 
 # ---- whole (tiny) decoders --------------------------------------------------------------------------------------------
@@ -326,7 +382,8 @@ def test_awq_scales_on_tiny_decoder():
 
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("fmt,K,words", [("int8", 256, True), ("int8", 129, False), ("int4", 200, True),
-                                         ("nf4", 200, True), ("int4", 196, False)])
+                                         ("nf4", 200, True), ("int4", 196, False), ("int4o", 200, True),
+                                         ("int4o", 196, False)])
 def test_kernel_choice_by_rows_and_k(fmt, K, words, rows, monkeypatch):
     """One activation row runs the int32-word GEMV (K % 4 == 0 for INT8, K % 8 == 0 for 4-bit); 2-16
     rows of 4-bit codes run the word-wise tensor-core kernel when K allows; the rest take the byte
@@ -335,8 +392,8 @@ def test_kernel_choice_by_rows_and_k(fmt, K, words, rows, monkeypatch):
     inner = Q._launch
     monkeypatch.setattr(QK, "_launch", lambda kernel, *a, **kw: used.append(kernel) or inner(kernel, *a, **kw))
     lin = _linear(23, K, seed=K)
-    kw = {"int8": {}, "int4": {"group_size": 64}, "nf4": {"block_size": 32}}[fmt]
-    mod = Q.FORMATS[fmt].from_linear(lin, **kw)
+    kw = {"int8": {}, "int4": {"group_size": 64}, "int4o": {"group_size": 64, "offset": True}, "nf4": {"block_size": 32}}[fmt]
+    mod = MODULE[fmt].from_linear(lin, **kw)
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         y = mod(x)
@@ -391,10 +448,11 @@ def _int_to_float(ptx: str) -> int:
     return sum(ptx.count(f"cvt.rn.f32.{t}") for t in ("s8", "u8", "s16", "u16", "s32", "u32"))
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4o"])
 def test_gemv_ptx_has_vector_loads_and_no_int_to_float(fmt):
     """The two claims of the GEMV design, checked in the compiled code: codes arrive in 16-byte vector
-    loads, and no code goes through an int-to-float conversion (INT4 converts one zero point per group)."""
+    loads, and no code goes through an int-to-float conversion (INT4 converts one zero point per group;
+    with float offsets, int4o, none)."""
     if fmt == "int8":
         sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16",
                "N": "i32", "K": "i32", "KW": "i32", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr",
@@ -403,14 +461,15 @@ def test_gemv_ptx_has_vector_loads_and_no_int_to_float(fmt):
                    ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "KW"])
         max_cvt = 0
     else:
-        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "code_ptr": "*fp32",
-               "xs_ptr": "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32", "KW": "i32",
-               "NG": "i32", "NF4": "constexpr", "GROUP": "constexpr", "HAS_XS": "constexpr",
-               "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-        ptx = _ptx("_w4_gemv_kernel", sig, {"NF4": False, "GROUP": 128, "HAS_XS": False, "HAS_BIAS": False,
-                                            "BLOCK_N": 8, "BLOCK_K": 512},
+        foff = fmt == "int4o"
+        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16" if foff else "*u8",
+               "code_ptr": "*fp32", "xs_ptr": "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "K": "i32",
+               "KW": "i32", "NG": "i32", "NF4": "constexpr", "FOFF": "constexpr", "GROUP": "constexpr",
+               "HAS_XS": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+        ptx = _ptx("_w4_gemv_kernel", sig, {"NF4": False, "FOFF": foff, "GROUP": 128, "HAS_XS": False,
+                                            "HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 512},
                    ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "code_ptr", "xs_ptr", "b_ptr", "y_ptr", "N", "K", "KW", "NG"])
-        max_cvt = 1  # the group's zero point
+        max_cvt = 0 if foff else 1  # the group's zero point
     assert "ld.global.v4.b32" in ptx, "the codes are not loaded as 16-byte vectors"
     n_cvt = _int_to_float(ptx)
     assert n_cvt <= max_cvt, f"{n_cvt} integer-to-float conversions in the {fmt} GEMV"
@@ -421,9 +480,9 @@ def test_ptx_check_sees_int_to_float_in_the_tile_kernel():
     (there the conversion is shared by 16 rows of tl.dot; in a GEMV it would be paid per row)."""
     sig = {"x_ptr": "*bf16", "p_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "code_ptr": "*fp32",
            "xs_ptr": "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "NG": "i32",
-           "NF4": "constexpr", "GROUP": "constexpr", "HAS_XS": "constexpr", "HAS_BIAS": "constexpr",
+           "NF4": "constexpr", "FOFF": "constexpr", "GROUP": "constexpr", "HAS_XS": "constexpr", "HAS_BIAS": "constexpr",
            "BLOCK_M": "constexpr", "DOT_PREC": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-    ptx = _ptx("_w4a16_kernel", sig, {"NF4": False, "GROUP": 128, "HAS_XS": False, "HAS_BIAS": False, "BLOCK_M": 16,
+    ptx = _ptx("_w4a16_kernel", sig, {"NF4": False, "FOFF": False, "GROUP": 128, "HAS_XS": False, "HAS_BIAS": False, "BLOCK_M": 16,
                                       "DOT_PREC": "tf32", "BLOCK_N": 16, "BLOCK_K": 64},
                ["x_ptr", "p_ptr", "s_ptr", "z_ptr", "code_ptr", "xs_ptr", "b_ptr", "y_ptr", "N", "K"])
     assert _int_to_float(ptx) >= 1

@@ -183,6 +183,9 @@ def pack_int4(weight, group_size: int | None = None, *, scale=None, zero=None) -
               "supported by the fast kernels (no in_scale input)")
         weight = weight.qweight
     if isinstance(weight, Q.Int4Weight):
+        _need(weight.offset is None, "pack_int4: the fast kernels take INT4 with integer zero points; this "
+              "weight has float offsets (quantize_int4(..., offset=True)): use its Int4Linear (labutils.quant), "
+              "whose kernels take both", NotImplementedError)
         _need(group_size in (None, weight.group_size), f"pack_int4: group_size={group_size} contradicts the "
               f"weight's {weight.group_size}")
         codes, scale, zero, group_size = Q.unpack_int4(weight.packed), weight.scale, weight.zero, weight.group_size

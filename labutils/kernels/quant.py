@@ -74,7 +74,7 @@ def _w8a16_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
 
 @triton.jit
 def _w4_tile(p_rows, s_ptr, z_ptr, code_ptr, sz_rows, n_ok, k0, KH,
-             NF4: tl.constexpr, GROUP: tl.constexpr, HALF: tl.constexpr):
+             NF4: tl.constexpr, FOFF: tl.constexpr, GROUP: tl.constexpr, HALF: tl.constexpr):
     """Dequantize the 2 * HALF weights from k0 of BLOCK_N rows: (w_even, w_odd), each (BLOCK_N, HALF)
     fp32 (elements k0 + 2i and k0 + 2i + 1), plus the byte indices j (HALF,) and their mask."""
     j = k0 // 2 + tl.arange(0, HALF)  # bytes; byte j holds elements 2j (low nibble) and 2j + 1 (high)
@@ -88,16 +88,20 @@ def _w4_tile(p_rows, s_ptr, z_ptr, code_ptr, sz_rows, n_ok, k0, KH,
         w_odd = tl.load(code_ptr + hi) * s
     else:
         z = tl.load(z_ptr + sz_rows + g, mask=n_ok, other=0).to(tl.float32)[:, None]
-        w_even = (lo.to(tl.float32) - z) * s
-        w_odd = (hi.to(tl.float32) - z) * s
+        if FOFF:  # a float offset: q s + m
+            w_even = lo.to(tl.float32) * s + z
+            w_odd = hi.to(tl.float32) * s + z
+        else:  # an integer zero point: (q - z) s
+            w_even = (lo.to(tl.float32) - z) * s
+            w_odd = (hi.to(tl.float32) - z) * s
     return w_even, w_odd, j, j_ok
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "GROUP", "NF4"],
+@triton.autotune(configs=_configs(), key=["N", "K", "GROUP", "NF4", "FOFF"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, NG,
-                  NF4: tl.constexpr, GROUP: tl.constexpr, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  NF4: tl.constexpr, FOFF: tl.constexpr, GROUP: tl.constexpr, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (M, N) = (x * xs) (M, K) @ deq(p (N, K/2), s (N, NG), z or code)^T + b; 4-bit codes, M <= BLOCK_M."""
     HALF: tl.constexpr = BLOCK_K // 2
@@ -110,7 +114,7 @@ def _w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M,
     m_ok = rm < M
     out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w_even, w_odd, j, j_ok = _w4_tile(p_rows, s_ptr, z_ptr, code_ptr, sz_rows, n_ok, k0, KH, NF4, GROUP, HALF)
+        w_even, w_odd, j, j_ok = _w4_tile(p_rows, s_ptr, z_ptr, code_ptr, sz_rows, n_ok, k0, KH, NF4, FOFF, GROUP, HALF)
         mask = m_ok[:, None] & j_ok[None, :]
         x_even = tl.load(x_ptr + rm[:, None] * K + 2 * j[None, :], mask=mask, other=0.0)  # (BLOCK_M, HALF)
         x_odd = tl.load(x_ptr + rm[:, None] * K + 2 * j[None, :] + 1, mask=mask, other=0.0)
@@ -194,14 +198,15 @@ def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, KW,
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-@triton.autotune(configs=_gemv_configs(8), key=["N", "K", "GROUP", "NF4"],
+@triton.autotune(configs=_gemv_configs(8), key=["N", "K", "GROUP", "NF4", "FOFF"],
                  prune_configs_by={"early_config_prune": _prune_gemv})
 @triton.jit
 def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, N, K, KW, NG,
-                    NF4: tl.constexpr, GROUP: tl.constexpr, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    NF4: tl.constexpr, FOFF: tl.constexpr, GROUP: tl.constexpr, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (N,) = deq(codes) (x * xs) + b for one row x (K,); the packed codes read as int32 words of 8
-    (K % 8 == 0, KW = K / 8 words per row): INT4 (q - z) * s per group, or NF4 code[q] * absmax."""
+    (K % 8 == 0, KW = K / 8 words per row): INT4 (q - z) * s per group (FOFF: q * s + m, the offset
+    m times the group's sum of x added once), or NF4 code[q] * absmax."""
     GW: tl.constexpr = GROUP // 8  # words per group
     NGB: tl.constexpr = BLOCK_K // GROUP  # groups per chunk
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -216,7 +221,11 @@ def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, 
         sz = rn[:, None] * NG + g[None, :]  # (BLOCK_N, NGB) this row's scale (and zero) of each group
         sz_ok = n_ok[:, None] & (g < NG)[None, :]
         s = tl.load(s_ptr + sz, mask=sz_ok, other=0.0).to(tl.float32)
-        if not NF4:  # 2^23 + z: the magic constant and the zero point in one subtraction
+        if FOFF:  # the offset m: added once per group, times the group's sum of x
+            m = tl.load(z_ptr + sz, mask=sz_ok, other=0.0).to(tl.float32)
+            xsum = tl.zeros((NGB, GW), dtype=tl.float32)
+            off = tl.full((BLOCK_N, NGB), 8388608.0, tl.float32)  # 2^23: the codes themselves
+        elif not NF4:  # 2^23 + z: the magic constant and the zero point in one subtraction
             off = 8388608.0 + tl.load(z_ptr + sz, mask=sz_ok, other=0).to(tl.float32)
         part = tl.zeros((BLOCK_N, NGB, GW), dtype=tl.float32)
         for i in tl.static_range(8):  # code i of each word is element 8c + i (low nibble first)
@@ -224,12 +233,16 @@ def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, 
             if NF4:
                 w = tl.load(code_ptr + u)  # the 16-entry table, L1-resident
             else:
-                w = (u | 0x4B000000).to(tl.float32, bitcast=True) - off[:, :, None]  # q - z, exactly
+                w = (u | 0x4B000000).to(tl.float32, bitcast=True) - off[:, :, None]  # q - z (or q), exactly
             x = tl.load(x_ptr + 8 * c + i, mask=c_ok, other=0.0).to(tl.float32)  # (NGB, GW)
             if HAS_XS:  # AWQ: x / s per input channel
                 x *= tl.load(xs_ptr + 8 * c + i, mask=c_ok, other=0.0).to(tl.float32)
             part += w * x[None, :, :]
+            if FOFF:
+                xsum += x
         acc += tl.sum(part, axis=2) * s  # one scale multiply per group
+        if FOFF:
+            acc += tl.sum(xsum, axis=1)[None, :] * m
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -261,10 +274,10 @@ def _mma_configs():
                                   (64, 512, 8, 3), (16, 512, 4, 4)]]
 
 
-@triton.autotune(configs=_mma_configs(), key=["N", "K", "GROUP", "NF4"])
+@triton.autotune(configs=_mma_configs(), key=["N", "K", "GROUP", "NF4", "FOFF"])
 @triton.jit
 def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, KW, NG,
-                   NF4: tl.constexpr, GROUP: tl.constexpr, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   NF4: tl.constexpr, FOFF: tl.constexpr, GROUP: tl.constexpr, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (M, N) = (x * xs) (M, K) @ deq(codes)^T + b, M <= BLOCK_M; codes as KW = K / 8 int32 words per
     row (K % 8 == 0, GROUP % 8 == 0): INT4 (q - z) * s per group, or NF4 code[q] * absmax."""
@@ -284,12 +297,16 @@ def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, xs_ptr, b_ptr, y_ptr, M
         words = tl.load(w_rows + c[None, :], mask=wmask, other=0)  # (BLOCK_N, BW) int32
         sz = rn[:, None] * NG + (c // GW)[None, :]  # each word's group: its scale (and zero point)
         s = tl.load(s_ptr + sz, mask=wmask, other=0.0).to(tl.float32)
-        if not NF4:
+        if FOFF:
+            m = tl.load(z_ptr + sz, mask=wmask, other=0.0).to(tl.float32)  # the offset of each word's group
+        elif not NF4:
             off = 8388608.0 + tl.load(z_ptr + sz, mask=wmask, other=0).to(tl.float32)  # 2^23 + z
         for i in tl.static_range(8):  # nibble i of word c is element 8c + i
             u = (words >> (4 * i)) & 0xF
             if NF4:
                 w = tl.load(code_ptr + u) * s
+            elif FOFF:
+                w = ((u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * s + m  # q s + m
             else:
                 w = ((u | 0x4B000000).to(tl.float32, bitcast=True) - off) * s  # (q - z) s
             x = tl.load(x_rows + 8 * c[None, :] + i, mask=m_ok[:, None] & c_ok[None, :], other=0.0)  # (BLOCK_M, BW)
@@ -378,8 +395,9 @@ def _(x, q, scale, bias=None):
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  code: torch.Tensor | None, in_scale: torch.Tensor | None, bias: torch.Tensor | None,
                  group_size: int) -> torch.Tensor:
-    """F.linear(x * in_scale, deq, bias) with 4-bit codes: INT4 when ``zero`` is given, NF4 (``code``
-    the 16-entry table, ``scale`` the absmax) otherwise. Triton for 1..16 rows, else F.linear."""
+    """F.linear(x * in_scale, deq, bias) with 4-bit codes: INT4 when ``zero`` is given, uint8 zero
+    points z (W ~ (q - z) s) or floating-point offsets m (W ~ q s + m); NF4 (``code`` the 16-entry
+    table, ``scale`` the absmax) otherwise. Triton for 1..16 rows, else F.linear."""
     op = "w4a16_linear"
     _need(packed.dtype == torch.uint8 and packed.dim() == 2,
           f"{op}: packed must be uint8 (N, K/2), got {packed.dtype} of shape {tuple(packed.shape)}")
@@ -392,8 +410,9 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     _need(tuple(scale.shape) == (N, NG), f"{op}: scale must have shape (N, ceil(K/group_size)) = ({N}, {NG}) "
           f"for K={K}, group_size={group_size}, got {tuple(scale.shape)}")
     if zero is not None:
-        _need(zero.dtype == torch.uint8 and tuple(zero.shape) == (N, NG), f"{op}: zero must be uint8 of shape "
-              f"({N}, {NG}) like scale, got {zero.dtype} of shape {tuple(zero.shape)}")
+        _need((zero.dtype == torch.uint8 or zero.is_floating_point()) and tuple(zero.shape) == (N, NG),
+              f"{op}: zero must be uint8 (zero points) or floating point (offsets) of shape ({N}, {NG}) like "
+              f"scale, got {zero.dtype} of shape {tuple(zero.shape)}")
     else:
         _need(code is not None and tuple(code.shape) == (16,) and code.is_floating_point(),
               f"{op}: NF4 (zero=None) needs code, the 16-entry float table NF4_CODE; got "
@@ -401,14 +420,16 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     _check_vec(in_scale, "in_scale", K, op, "one per input feature")
     _check_vec(bias, "bias", N, op, "one per output")
     nf4 = zero is None
+    foff = not nf4 and zero.is_floating_point()
     if not 1 <= _rows(x) <= MAX_ROWS:
-        W = (NF4Weight(packed, scale, group_size) if nf4 else Int4Weight(packed, scale, zero, group_size)).dequantize()
+        W = (NF4Weight(packed, scale, group_size) if nf4 else Int4Weight(packed, scale, None, group_size, offset=zero)
+             if foff else Int4Weight(packed, scale, zero, group_size)).dequantize()
         return _fallback(x, W, in_scale, bias)
     dummy = scale
     packed = packed.contiguous()
     rest = (scale.contiguous(), dummy if nf4 else zero.contiguous(), code.float().contiguous() if nf4 else dummy,
             dummy if in_scale is None else in_scale.contiguous())
-    meta = dict(NG=scale.shape[1], NF4=nf4, GROUP=group_size, HAS_XS=in_scale is not None)
+    meta = dict(NG=scale.shape[1], NF4=nf4, FOFF=foff, GROUP=group_size, HAS_XS=in_scale is not None)
     if K % 8 == 0 and group_size % 8 == 0:  # codes as int32 words: the GEMV for one row, else tensor cores
         kernel = _w4_gemv_kernel if _rows(x) == 1 else _w4_mma_kernel
         return _launch(kernel, x, N, (packed.view(torch.int32), *rest), bias, **meta)

@@ -4,7 +4,9 @@ per group) at groups of 32, 64 and 128, and a Q4_1-style quantizer at groups of 
 and a float minimum m per group: w = d * q + m, the format the embedded model was shipped in), on
 the first 16,384 tokens of data/'s held-out eval text, as notebook 04 scores. The unquantized
 baseline is the dequantized Q4_1 model itself, so the Q4_1-style quantizer should find its grid
-again: how close it comes, and how far the integer zero point and larger groups are from it."""
+again: how close it comes, and how far the integer zero point and larger groups are from it.
+`probe_int4_groups_cpu.py 16384 offset`: labutils' INT4 with a float offset per group instead
+(quantize_int4(offset=True), fp16 scale and offset as stored) at groups of 32, 64 and 128."""
 import json
 import os
 import sys
@@ -47,11 +49,17 @@ def q4_1_model():
     return m.swap_linears(swap)
 
 
-candidates = {"unquantized (the dequantized Q4_1 model)": lambda: Decoder.from_hf(hf),
-              "Q4_1-style g32 (float scale and minimum)": q4_1_model}
+OFFSET = len(sys.argv) > 2 and sys.argv[2] == "offset"  # labutils' float-offset INT4 (fp16 scale and offset)
+candidates = {"unquantized (the dequantized Q4_1 model)": lambda: Decoder.from_hf(hf)}
+if not OFFSET:
+    candidates["Q4_1-style g32 (float scale and minimum)"] = q4_1_model
 for g in (32, 64, 128):
-    candidates[f"int4 g{g} (integer zero point)"] = lambda g=g: quant.quantize_model(
-        Decoder.from_hf(hf), "int4", simulate=True, group_size=g, scale_dtype=torch.float32)
+    if OFFSET:
+        candidates[f"int4 g{g} (float offset, fp16)"] = lambda g=g: quant.quantize_model(
+            Decoder.from_hf(hf), "int4", simulate=True, group_size=g, offset=True)
+    else:
+        candidates[f"int4 g{g} (integer zero point)"] = lambda g=g: quant.quantize_model(
+            Decoder.from_hf(hf), "int4", simulate=True, group_size=g, scale_dtype=torch.float32)
 out = {"what": __doc__.split("\n")[0], "max_tokens": MAX_TOKENS, "torch": torch.__version__, "ppl": {}, "seconds": {}}
 for name, make in candidates.items():
     t0 = time.perf_counter()
@@ -60,6 +68,7 @@ for name, make in candidates.items():
     print(f"{name}: ppl {out['ppl'][name]:.3f} ({out['seconds'][name]:.0f} s)", flush=True)
 base = out["ppl"]["unquantized (the dequantized Q4_1 model)"]
 out["vs_unquantized"] = {k: v / base - 1 for k, v in out["ppl"].items()}
-path = os.path.join(os.path.dirname(__file__), "results", "probe_int4_groups_cpu.json")
+path = os.path.join(os.path.dirname(__file__), "results",
+                    "probe_int4_groups_offset_cpu.json" if OFFSET else "probe_int4_groups_cpu.json")
 json.dump(out, open(path, "w"), indent=1)
 print(json.dumps(out["vs_unquantized"], indent=1))
