@@ -216,10 +216,10 @@ def _quantize_int4_offset(W: torch.Tensor, group_size: int, scale_dtype) -> Int4
     lo, hi = Wg.amin(-1), Wg.amax(-1)
     m = _round_down(lo, scale_dtype)  # (N, n_groups) the value of code 0, <= every weight
     fi = torch.finfo(scale_dtype)
-    s_raw = (hi - m.float()) / 15
-    s_raw = torch.where(s_raw > 0, s_raw.clamp_min(fi.tiny * fi.eps), s_raw)  # a range below one step: one step
-    s = torch.where(s_raw > 0, s_raw, fi.tiny * fi.eps).to(scale_dtype)  # nearest (an all-equal group: any s > 0)
+    # a range below the smallest step (an all-equal group among them): that step, so s > 0 and the error <= s / 2
+    s_raw = ((hi - m.float()) / 15).clamp_min(fi.tiny * fi.eps)
     _store_scale(s_raw, scale_dtype)  # only its checks: a scale past the dtype's range raises
+    s = s_raw.to(scale_dtype)  # nearest; raised below where the top level falls short
     for _ in range(4):  # m + 15 s must reach the maximum (fp32, as dequantized); one step up usually does
         short = m.float() + 15 * s.float() < hi
         if not short.any():

@@ -752,7 +752,6 @@ def head_step_ms(h):
     pos = torch.tensor([256], device=device)
     h.set_kv_cache(cache)
     try:
-        from labutils.bench import time_fn
         return time_fn(lambda: h.logits(h(f, x, pos)), rep_ms=pick(200, 20), cuda_graph=GPU).median_ms
     finally:
         h.set_kv_cache(None)
